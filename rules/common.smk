@@ -1,0 +1,197 @@
+# Sample sheet, wildcard constraints and every input function. Rules hold no logic.
+
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from lungreg import cohort as synthetic
+from lungreg import manifest, study
+from lungreg.io import InputError
+from lungreg.registration import NETWORK_METHODS
+
+# Jobs import the library from this checkout, also inside --sdm conda environments.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [f"{workflow.basedir}/src", os.environ.get("PYTHONPATH")]))
+
+PREPROCESSED = study.PreprocessedLayout(Path("results/preprocessed"))
+SYNTHETIC = Path("results/cohort/synthetic")
+SYNTHETIC_IMAGES = ["inhale", "exhale", "inhale_mask", "exhale_mask", "inhale_landmarks", "exhale_landmarks"]
+SYNTHETIC_SUFFIX = {"inhale_landmarks": ".csv", "exhale_landmarks": ".csv"}
+FIXED_PHASE = config["pairs"].get("fixed_phase", "exhale")
+
+
+def synthetic_path(subject, item):
+    return str(SYNTHETIC / subject / f"{item}{SYNTHETIC_SUFFIX.get(item, '.nii.gz')}")
+
+
+def truth_path(subject):
+    """Ground-truth field of a synthetic subject's own pair, on the fixed phase's grid."""
+    return str(SYNTHETIC / subject / f"gt_displacement_fixed-{FIXED_PHASE}.nii.gz")
+
+
+def load_cohort():
+    """Subjects with label, input files and split; every input checked before any job runs."""
+    if config.get("subjects"):
+        try:
+            frame = manifest.read_manifest(config["subjects"])
+            validate(frame, "../config/schemas/subjects.schema.yaml")
+            manifest.check_subjects(frame, cache_path="results/.cache/input_checks.json")
+        except InputError as error:
+            raise WorkflowError(f"bad input: {error}") from None
+    else:
+        frame = synthetic.subject_table(synthetic.SyntheticCohortSettings.from_config(config["synthetic"]))
+        for item in SYNTHETIC_IMAGES:
+            frame[item] = [synthetic_path(s, item) for s in frame["subject"]]
+    split = config["split"]
+    frame["split"] = study.split_subjects(frame, split["n_validation"], split["seed"], split.get("min_subjects", 4))
+    return frame.reset_index(drop=True)
+
+
+COHORT = load_cohort()
+SUBJECTS = COHORT["subject"].tolist()
+SYNTHETIC_COHORT = not config.get("subjects")
+VARIANTS = config["network"]["variants"]
+PROTOCOLS = config["inference"]["protocols"]
+PAIRS = {protocol: study.protocol_pairs(protocol, COHORT, FIXED_PHASE) for protocol in study.PROTOCOLS}
+
+
+def alternatives(values):
+    return "|".join(re.escape(v) for v in values)
+
+
+wildcard_constraints:
+    subject=alternatives(SUBJECTS),
+    phase="inhale|exhale",
+    protocol=alternatives(study.PROTOCOLS),
+    variant=alternatives(NETWORK_METHODS),
+    method=alternatives(["unregistered", *NETWORK_METHODS, *config.get("baselines", {})]),
+    chunk=r"\d+",
+
+
+# ------------------------------------------------------------------ preprocessing
+
+
+def subject_inputs(wildcards):
+    """The raw files of one subject (so that a changed file reruns only that subject)."""
+    row = COHORT.set_index("subject").loc[wildcards.subject]
+    items = ["inhale", "exhale", "inhale_mask", "exhale_mask"]
+    if row.get("inhale_landmarks", ""):
+        items += ["inhale_landmarks", "exhale_landmarks"]
+    return {item: row[item] for item in items}
+
+
+def preprocessed_files(subject, phase):
+    return [str(PREPROCESSED.image(subject, phase)), str(PREPROCESSED.mask(subject, phase)),
+            str(PREPROCESSED.landmarks(subject, phase))]
+
+
+def pair_files(pairs):
+    files = {f for p in pairs for s, ph in ((p.moving_subject, p.moving_phase), (p.fixed_subject, p.fixed_phase))
+             for f in preprocessed_files(s, ph)}
+    return sorted(files)
+
+
+# ----------------------------------------------------------------------- training
+
+
+def training_pairs():
+    options = config["network"].get("training_pairs", {})
+    return study.training_pairs(COHORT, FIXED_PHASE, options.get("both_directions", True),
+                                options.get("inter_patient", False))
+
+
+def pair_rows(pairs):
+    return [p.as_row() for p in pairs]
+
+
+def train_inputs(wildcards):
+    return pair_files(training_pairs() + study.validation_pairs(COHORT, FIXED_PHASE))
+
+
+def model_settings(wildcards):
+    return {**config["model"], "affine": wildcards.variant != "proposed_without_affine"}
+
+
+# ------------------------------------------------------------------- registration
+
+
+BASELINES = [m for m, options in config.get("baselines", {}).items() if options.get("enabled", False)]
+BASELINE_KEYS = ("enabled", "protocols", "chunks")  # workflow keys; the rest goes to the method
+
+
+def method_pairs(method, protocol):
+    """The network registers every subject's own pair (the classifier needs them all); the
+    classical baselines, which only feed the tables, register the evaluation subjects' pairs."""
+    if method in BASELINES and protocol == "inhale_exhale":
+        evaluated = set(study.evaluation_subjects(COHORT))
+        return [p for p in PAIRS[protocol] if p.fixed_subject in evaluated]
+    return PAIRS[protocol]
+
+
+def chunk_count(method, protocol):
+    """Chunks of a protocol for a method: the baselines have their own (CPU-bound) chunking."""
+    if method in BASELINES:
+        requested = config["baselines"][method].get("chunks", 1)
+    else:
+        requested = config["inference"]["chunks"].get(protocol, 1)
+    return study.n_chunks(len(method_pairs(method, protocol)), requested)
+
+
+def chunk_pairs(wildcards):
+    count = chunk_count(wildcards.method, wildcards.protocol)
+    return study.chunk_pairs(method_pairs(wildcards.method, wildcards.protocol), count, int(wildcards.chunk))
+
+
+def chunk_inputs(wildcards):
+    pairs = chunk_pairs(wildcards)
+    files = pair_files(pairs)
+    if SYNTHETIC_COHORT:
+        files += [truth_path(p.fixed_subject) for p in pairs if p.intra_patient]
+    return files
+
+
+def chunk_truth(wildcards):
+    """Ground-truth fields by subject, for the end-point error (synthetic cohort only)."""
+    if not SYNTHETIC_COHORT:
+        return {}
+    return {p.fixed_subject: truth_path(p.fixed_subject) for p in chunk_pairs(wildcards) if p.intra_patient}
+
+
+def method_protocols():
+    """(method, protocol) for every registration the configuration asks for."""
+    chosen = [(m, p) for m in ["unregistered", *VARIANTS] for p in PROTOCOLS]
+    chosen += [(m, p) for m in BASELINES for p in config["baselines"][m]["protocols"]]
+    return chosen
+
+
+def registration_results(kind):
+    return [f"results/registration/{m}/{p}/chunk-{c}_{kind}.tsv"
+            for m, p in method_protocols() for c in range(chunk_count(m, p))]
+
+
+def method_name(wildcards):
+    return wildcards.method
+
+
+def baseline_options(wildcards):
+    return {k: v for k, v in config["baselines"][wildcards.method].items() if k not in BASELINE_KEYS}
+
+
+# ------------------------------------------------------------------------ targets
+
+TABLES = ["pairs", "landmarks", "table1_dice", "table2_landmarks", "jacobian", "endpoint_error"]
+
+
+def final_outputs(wildcards=None):
+    return (
+        ["results/cohort/subjects.tsv"]
+        + [f"results/model/{v}/model.pt" for v in VARIANTS]
+        + [f"results/tables/{t}.tsv" for t in TABLES]
+    )
+
+
+def chunk_pair_rows(wildcards):
+    return pair_rows(chunk_pairs(wildcards))

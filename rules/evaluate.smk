@@ -1,0 +1,18 @@
+# Gather every method's per-pair rows into the paper's tables.
+
+
+rule tables:
+    input:
+        cohort="results/cohort/subjects.tsv",
+        metrics=registration_results("metrics"),
+        landmarks=registration_results("landmarks"),
+    output:
+        **{table: f"results/tables/{table}.tsv" for table in TABLES},
+    log:
+        "results/logs/tables.log",
+    benchmark:
+        "results/benchmarks/tables.tsv"
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/tables.py"

@@ -1,0 +1,35 @@
+# Train the registration network on the training split (a GPU job; falls back to CPU).
+
+
+rule train:
+    input:
+        train_inputs,
+    output:
+        model="results/model/{variant}/model.pt",
+        log_table="results/model/{variant}/training_log.tsv",
+        curve=report(
+            "results/model/{variant}/training_curve.png",
+            caption="../report/training_curve.rst",
+            category="Training",
+            labels={"variant": "{variant}"},
+        ),
+    params:
+        train_pairs=pair_rows(training_pairs()),
+        validation_pairs=pair_rows(study.validation_pairs(COHORT, FIXED_PHASE)),
+        preprocessed=str(PREPROCESSED.root),
+        checkpoint="results/model/{variant}/checkpoint.pt",
+        model=model_settings,
+        loss=config["loss"],
+        train=config["train"],
+        preprocess=config["preprocess"],
+    log:
+        "results/logs/train/{variant}.log",
+    benchmark:
+        "results/benchmarks/train/{variant}.tsv"
+    threads: config["threads"]["gpu_jobs"]
+    resources:
+        gpu=1,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/train.py"

@@ -1,0 +1,8 @@
+"""Gather the labelled subjects' inhale-exhale fields (CNN input) and their regional statistics."""
+
+from lungreg.classify import build_features
+from lungreg.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    build_features(snakemake.params.fields, snakemake.params.masks, snakemake.params.masked,
+                   snakemake.output.fields, snakemake.output.table)

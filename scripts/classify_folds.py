@@ -1,0 +1,7 @@
+"""Assign the labelled subjects to stratified, seeded cross-validation folds."""
+
+from lungreg.classify import write_folds
+from lungreg.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    write_folds(snakemake.params.cohort, snakemake.params.folds, snakemake.params.seed, snakemake.output[0])

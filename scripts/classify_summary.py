@@ -1,0 +1,8 @@
+"""Summarise the out-of-fold predictions: classification table, pooled predictions, ROC figure."""
+
+from lungreg.classify import summarize
+from lungreg.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    summarize({c: list(snakemake.input[c]) for c in snakemake.params.classifiers}, snakemake.output.table,
+              snakemake.output.predictions, snakemake.output.roc)

@@ -1,0 +1,7 @@
+"""Write the cohort table: subject, label, split."""
+
+from lungreg.io import write_table
+from lungreg.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    write_table(snakemake.params.cohort, snakemake.output[0])

@@ -1,0 +1,10 @@
+"""Render one subject of the embedded synthetic cohort."""
+
+from pathlib import Path
+
+from lungreg.cohort import SyntheticCohortSettings, synthesize_subject
+from lungreg.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    settings = SyntheticCohortSettings.from_config(snakemake.params.settings)
+    synthesize_subject(settings, snakemake.wildcards.subject, Path(snakemake.output.parameters).parent)

@@ -1,0 +1,8 @@
+"""Gather every method's per-pair rows into the summary tables."""
+
+from lungreg.evaluate import build_tables
+from lungreg.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    build_tables(snakemake.input.cohort, snakemake.input.metrics, snakemake.input.landmarks,
+                 {name: snakemake.output[name] for name in snakemake.output.keys()})

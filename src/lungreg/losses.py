@@ -1,0 +1,120 @@
+"""Similarity terms and the paper's regularisers. They know nothing of data or transforms.
+
+Every similarity takes (fixed, warped, weight) tensors of shape (N, 1, D, H, W) and returns a
+scalar to minimise. `weight` (e.g. the fixed lung mask) restricts the similarity by weighting
+every voxel, never by sampling and rejecting voxels (see the pitfalls in ../shared/paper.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is None:
+        return values.mean()
+    weight = weight.expand_as(values)
+    return (values * weight).sum() / weight.sum().clamp_min(1e-6)
+
+
+def mse(fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """||R - W(S, G)||^2, averaged over (weighted) voxels: the paper's similarity."""
+    return _weighted_mean((fixed - warped) ** 2, weight)
+
+
+def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None,
+              window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+    """1 - mean local normalised cross-correlation over cubic windows of `window` voxels."""
+    def box(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool3d(x, window, stride=1, padding=window // 2, count_include_pad=False)
+
+    mean_f, mean_w = box(fixed), box(warped)
+    cov = box(fixed * warped) - mean_f * mean_w
+    var_f = (box(fixed * fixed) - mean_f**2).clamp_min(0)
+    var_w = (box(warped * warped) - mean_w**2).clamp_min(0)
+    ncc = cov * cov / (var_f * var_w + eps)
+    return 1.0 - _weighted_mean(ncc, weight)
+
+
+def mutual_information(fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None,
+                       bins: int = 32, sigma: float | None = None) -> torch.Tensor:
+    """Negative mutual information from a Parzen (Gaussian) joint histogram of [0, 1] intensities.
+
+    Differentiable in the warped image. Each sample's histogram vote is multiplied by its
+    weight, so a mask restricts the estimate without rejection sampling.
+    """
+    sigma = sigma or 0.5 / bins
+    centres = torch.linspace(0, 1, bins, device=fixed.device, dtype=fixed.dtype)
+    batch = fixed.shape[0]
+    f = fixed.reshape(batch, -1, 1).clamp(0, 1)
+    w = warped.reshape(batch, -1, 1).clamp(0, 1)
+    vote_f = torch.exp(-0.5 * ((f - centres) / sigma) ** 2)
+    vote_w = torch.exp(-0.5 * ((w - centres) / sigma) ** 2)
+    if weight is not None:
+        vote_f = vote_f * weight.expand_as(fixed).reshape(batch, -1, 1)
+    vote_f = vote_f / vote_f.sum(-1, keepdim=True).clamp_min(1e-12) * (vote_f.sum(-1, keepdim=True) > 0)
+    vote_w = vote_w / vote_w.sum(-1, keepdim=True).clamp_min(1e-12)
+    joint = torch.bmm(vote_f.transpose(1, 2), vote_w)
+    joint = joint / joint.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    p_f, p_w = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
+    mi = (joint * (torch.log(joint + 1e-10) - torch.log(p_f * p_w + 1e-10))).sum(dim=(1, 2))
+    return -mi.mean()
+
+
+SIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {
+    "mse": mse,
+    "ncc": local_ncc,
+    "mi": mutual_information,
+}
+
+
+def affine_penalty(theta: torch.Tensor | None) -> torch.Tensor:
+    """||A - A_I||_1 per pair (sum over the 12 entries, mean over the batch)."""
+    if theta is None:
+        return torch.zeros(())
+    identity = torch.eye(3, 4, device=theta.device, dtype=theta.dtype)
+    return (theta - identity).abs().sum(dim=(1, 2)).mean()
+
+
+def gradient_penalty(gradients: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """||Phi - Phi_I||_1 with Phi_I = 1: summed over voxels ("sum", Keras's activity-regulariser
+    convention) or averaged ("mean"), then averaged over the batch."""
+    deviation = (gradients - 1.0).abs().flatten(1)
+    per_pair = deviation.sum(1) if reduction == "sum" else deviation.mean(1)
+    return per_pair.mean()
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    similarity: str = "mse"
+    alpha: float = 1e-6  # weight of ||A - A_I||_1
+    beta: float = 1e-6  # weight of ||Phi - Phi_I||_1
+    regularizer_reduction: str = "mean"
+    mask_weighted: bool = False  # weight the similarity by the fixed lung mask
+    mask_margin_voxels: int = 2  # dilate the mask so the lung boundary is inside the weight
+
+
+def mask_weight(mask: torch.Tensor, margin: int) -> torch.Tensor:
+    """The fixed mask dilated by `margin` voxels (max pooling), as a 0/1 float weight."""
+    if margin <= 0:
+        return mask.float()
+    return F.max_pool3d(mask.float(), 2 * margin + 1, stride=1, padding=margin)
+
+
+def registration_loss(settings: LossSettings, fixed, warped, theta, gradients, fixed_mask=None) -> dict[str, torch.Tensor]:
+    """The paper's loss: similarity + alpha ||A - A_I||_1 + beta ||Phi - Phi_I||_1."""
+    if settings.similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {settings.similarity!r}; choose from {sorted(SIMILARITIES)}")
+    weight = None
+    if settings.mask_weighted:
+        if fixed_mask is None:
+            raise ValueError("mask_weighted similarity needs the fixed mask")
+        weight = mask_weight(fixed_mask, settings.mask_margin_voxels)
+    similarity = SIMILARITIES[settings.similarity](fixed, warped, weight)
+    regularizer = settings.alpha * affine_penalty(theta).to(similarity) + settings.beta * gradient_penalty(
+        gradients, settings.regularizer_reduction)
+    return {"loss": similarity + regularizer, "similarity": similarity, "regularizer": regularizer}

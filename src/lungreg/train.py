@@ -1,0 +1,277 @@
+"""Training the registration network: Adam, reduce-on-plateau, early stopping, checkpoints.
+
+A killed training resumes from its last checkpoint; with the same settings on CPU the resumed
+run ends with exactly the weights of an uninterrupted one (the data order of every epoch is
+drawn from its own seeded generator, and the checkpoint holds optimiser, scheduler and
+early-stopping state).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import io
+from .losses import LossSettings, registration_loss
+from .metrics import dice
+from .model import ModelSettings, RegistrationNet
+from .transform import warp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 1000
+    batch_size: int = 2
+    learning_rate: float = 1e-3
+    plateau_patience: int = 50
+    plateau_factor: float = 0.9
+    early_stopping_patience: int = 100
+    checkpoint_every: int = 1
+    seed: int = 2018
+    device: str = "auto"  # auto: cuda when present, else cpu
+    bf16: bool = False  # bf16 autocast, CUDA only
+
+    @classmethod
+    def from_config(cls, section: dict) -> "TrainSettings":
+        return _from_section(cls, section, "train")
+
+
+def _from_section(cls, section: dict, name: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(section) - known
+    if unknown:
+        raise ValueError(f"unknown {name} setting(s): {', '.join(sorted(unknown))}")
+    return cls(**section)
+
+
+def loss_settings_from_config(section: dict) -> LossSettings:
+    return _from_section(LossSettings, section, "loss")
+
+
+@dataclass(frozen=True)
+class PairFiles:
+    """Preprocessed files of one training or validation pair."""
+
+    moving_image: str
+    fixed_image: str
+    moving_mask: str
+    fixed_mask: str
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def load_volume(path: str | Path) -> torch.Tensor:
+    """A preprocessed volume as a (1, D, H, W) float32 tensor."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(io.read_intermediate_image(path)).astype(np.float32)
+    return torch.from_numpy(array)[None]
+
+
+class PairSet:
+    """All pairs of a set held in memory as (moving, fixed, moving_mask, fixed_mask) stacks.
+
+    Each distinct file is read once, however many pairs use it.
+    """
+
+    def __init__(self, pairs: list[PairFiles]):
+        if not pairs:
+            raise ValueError("no pairs to train or validate on")
+        cache: dict[str, torch.Tensor] = {}
+
+        def volume(path: str) -> torch.Tensor:
+            if path not in cache:
+                cache[path] = load_volume(path)
+            return cache[path]
+
+        self.tensors = [
+            torch.stack([volume(getattr(p, field.name)) for p in pairs])
+            for field in fields(PairFiles)
+        ]
+
+    def __len__(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def batch(self, index: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        return [t[index].to(device, non_blocking=True) for t in self.tensors]
+
+
+def fingerprint(*parts: object) -> str:
+    """A short hash of everything that makes a checkpoint resumable by this run."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_finite(losses: dict[str, torch.Tensor], epoch: int, batch: int) -> None:
+    for name, value in losses.items():
+        if not math.isfinite(float(value.detach())):
+            raise FloatingPointError(
+                f"epoch {epoch}, batch {batch}: the {name} is {float(value.detach())}; training stopped "
+                "(lower the learning rate, check the intensity range, or disable bf16)"
+            )
+
+
+def _progress(epoch: int, epochs: int, done: int, total: int, loss: float) -> str:
+    filled = round(20 * done / total)
+    return f"epoch {epoch}/{epochs} |{'#' * filled}{'.' * (20 - filled)}| {done}/{total} batches, loss {loss:.5f}"
+
+
+@torch.no_grad()
+def validate(model: RegistrationNet, data: PairSet, loss_settings: LossSettings, device, batch_size: int) -> dict:
+    """Validation loss and Dice of the warped moving masks (also the unregistered Dice)."""
+    model.eval()
+    losses, dices, unregistered = [], [], []
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(data)))
+        moving, fixed, moving_mask, fixed_mask = data.batch(index, device)
+        out = model(moving, fixed)
+        losses.append(float(registration_loss(loss_settings, fixed, out.warped, out.theta, out.gradients, fixed_mask)["loss"]) * len(index))
+        warped_mask = warp(moving_mask, out.grid) > 0.5
+        for k in range(len(index)):
+            dices.append(dice(warped_mask[k].cpu().numpy(), fixed_mask[k].cpu().numpy() > 0.5))
+            unregistered.append(dice(moving_mask[k].cpu().numpy() > 0.5, fixed_mask[k].cpu().numpy() > 0.5))
+    model.train()
+    return {"val_loss": sum(losses) / len(data), "val_dice": float(np.nanmean(dices)),
+            "val_dice_unregistered": float(np.nanmean(unregistered))}
+
+
+@dataclass
+class TrainingState:
+    """Everything a resumed run needs besides the data."""
+
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+    best_state: dict | None = None
+    rows: list = None
+
+    def __post_init__(self):
+        self.rows = self.rows or []
+
+
+def _save_checkpoint(path, model, optimizer, scheduler, state: TrainingState, key: str) -> None:
+    io.save_torch({"fingerprint": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "state": asdict(state)}, path)
+
+
+def _resume(path: Path | None, key: str, model, optimizer, scheduler) -> TrainingState:
+    if path is None or not Path(path).exists():
+        return TrainingState()
+    checkpoint = io.load_torch(path)
+    if checkpoint.get("fingerprint") != key:
+        log.warning("checkpoint %s belongs to other settings or data; starting over", path)
+        return TrainingState()
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    state = TrainingState(**checkpoint["state"])
+    log.info("resuming from %s after epoch %d", path, state.epoch)
+    return state
+
+
+def train(train_pairs: list[PairFiles], val_pairs: list[PairFiles], model_settings: ModelSettings,
+          loss_settings: LossSettings, settings: TrainSettings, checkpoint_path: str | Path | None = None,
+          extra: dict | None = None) -> tuple[dict, pd.DataFrame]:
+    """Train and return (the best model's checkpoint dictionary, the per-epoch log).
+
+    `extra` is stored in the model file (preprocessing settings, so the `register` command can
+    prepare new images the same way).
+    """
+    device = choose_device(settings.device)
+    torch.manual_seed(settings.seed)
+    model = RegistrationNet(model_settings).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=settings.plateau_factor, patience=settings.plateau_patience)
+    resumable = {k: v for k, v in asdict(settings).items() if k not in ("epochs", "checkpoint_every", "device")}
+    key = fingerprint(model_settings.as_dict(), asdict(loss_settings), resumable,
+                      [asdict(p) for p in train_pairs], [asdict(p) for p in val_pairs])
+    state = _resume(checkpoint_path, key, model, optimizer, scheduler)
+    train_data, val_data = PairSet(train_pairs), PairSet(val_pairs)
+    log.info("training on %d pairs, validating on %d, device %s", len(train_data), len(val_data), device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.bf16 and device.type == "cuda")
+    model.train()
+    for epoch in range(state.epoch + 1, settings.epochs + 1):
+        if state.epochs_without_improvement >= settings.early_stopping_patience:
+            break
+        started = time.perf_counter()
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch))
+        batches = order.split(settings.batch_size)
+        sums = {"loss": 0.0, "similarity": 0.0, "regularizer": 0.0}
+        for number, index in enumerate(batches, start=1):
+            moving, fixed, _, fixed_mask = train_data.batch(index, device)
+            with autocast:
+                out = model(moving, fixed)
+            losses = registration_loss(loss_settings, fixed, out.warped.float(), out.theta, out.gradients.float(), fixed_mask)
+            check_finite(losses, epoch, number)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+            for name in sums:
+                sums[name] += float(losses[name].detach()) * len(index)
+            if number == len(batches) or number % max(1, len(batches) // 5) == 0:
+                log.info(_progress(epoch, settings.epochs, number, len(batches), float(losses["loss"].detach())))
+        scores = validate(model, val_data, loss_settings, device, settings.batch_size)
+        check_finite({"validation loss": torch.tensor(scores["val_loss"])}, epoch, 0)
+        scheduler.step(scores["val_loss"])
+        if scores["val_loss"] < state.best_loss:
+            state.best_loss, state.best_epoch, state.epochs_without_improvement = scores["val_loss"], epoch, 0
+            state.best_state = copy.deepcopy(model.state_dict())
+        else:
+            state.epochs_without_improvement += 1
+        state.epoch = epoch
+        state.rows.append({"epoch": epoch, **{f"train_{k}": v / len(train_data) for k, v in sums.items()},
+                           **scores, "lr": optimizer.param_groups[0]["lr"], "device": device.type,
+                           "seconds": time.perf_counter() - started})
+        log.info("epoch %d: train loss %.5f, validation loss %.5f, Dice %.4f (unregistered %.4f)", epoch,
+                 state.rows[-1]["train_loss"], scores["val_loss"], scores["val_dice"], scores["val_dice_unregistered"])
+        if checkpoint_path and (epoch % settings.checkpoint_every == 0 or epoch == settings.epochs):
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, state, key)
+    best = {k: v.cpu() for k, v in (state.best_state or model.state_dict()).items()}
+    checkpoint = {"state_dict": best, "model_settings": model_settings.as_dict(), "best_epoch": state.best_epoch,
+                  "best_val_loss": state.best_loss, "fingerprint": key, **(extra or {})}
+    return checkpoint, pd.DataFrame(state.rows)
+
+
+def pair_files(rows: list[dict], preprocessed: str | Path) -> list[PairFiles]:
+    """PairFiles of the pairs (as `study.Pair.as_row` dictionaries) in a preprocessed folder."""
+    from .study import PreprocessedLayout
+
+    layout = PreprocessedLayout(Path(preprocessed))
+    return [PairFiles(str(layout.image(r["moving_subject"], r["moving_phase"])),
+                      str(layout.image(r["fixed_subject"], r["fixed_phase"])),
+                      str(layout.mask(r["moving_subject"], r["moving_phase"])),
+                      str(layout.mask(r["fixed_subject"], r["fixed_phase"]))) for r in rows]
+
+
+def run_training(train_rows: list[dict], validation_rows: list[dict], preprocessed: str | Path, model: dict,
+                 loss: dict, settings: dict, preprocess: dict, model_path: str | Path, log_path: str | Path,
+                 checkpoint_path: str | Path | None = None, curve_path: str | Path | None = None) -> pd.DataFrame:
+    """The training job: train, then write the best model, the per-epoch log and its figure."""
+    checkpoint, history = train(
+        pair_files(train_rows, preprocessed), pair_files(validation_rows, preprocessed),
+        ModelSettings.from_config(model), loss_settings_from_config(loss), TrainSettings.from_config(settings),
+        checkpoint_path, extra={"preprocess": preprocess})
+    io.save_torch(checkpoint, model_path)
+    io.write_table(history, log_path)
+    if curve_path:
+        from .plots import training_curve
+
+        training_curve(history, curve_path)
+    return history

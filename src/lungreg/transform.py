@@ -1,0 +1,184 @@
+"""The spatial transformer: grid integration, affine grids, composition, warping, and the
+conversion of the network's grids to physical-space transforms.
+
+Coordinate conventions live here and nowhere else:
+- tensors are (N, C, D, H, W) with D = z, H = y, W = x (the numpy (z, y, x) array order);
+- a sampling grid is (N, D, H, W, 3) whose last axis is (x, y, z) in *normalised* moving-image
+  coordinates, as `torch.nn.functional.grid_sample` expects;
+- normalisation uses align_corners=True: -1 is the centre of the first voxel and +1 the centre
+  of the last one, so normalised n and voxel index i relate by n = 2 i / (size - 1) - 1;
+- the grid maps each fixed-image voxel to the point of the moving image it takes its value
+  from (the "pull" or resampling direction, like ITK's fixed-to-moving transforms);
+- spatial gradients Phi are (N, 3, D, H, W), channel 0 along x (W), 1 along y (H), 2 along z (D).
+Outside this module everything is physical (ITK/LPS mm, see `geometry`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .geometry import Grid
+
+# For each component of the (x, y, z) grid, the tensor dimension of (N, C, D, H, W) it runs along.
+_AXIS_OF_COMPONENT = (4, 3, 2)
+
+
+def identity_grid(shape_dhw: tuple[int, int, int], batch: int = 1, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalised identity sampling grid, (N, D, H, W, 3) with (x, y, z) last."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype) for n in shape_dhw]
+    z, y, x = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([x, y, z], dim=-1).expand(batch, *shape_dhw, 3)
+
+
+def axial_displacements(gradients: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums of the spatial gradients along their own axes, minus the identity.
+
+    Channel c of the result is [G(p)]_c - p_c in normalised units, with the paper's
+    [G(p)]_c = sum_{i <= p_c} Phi_c(i) - 1 (voxel units): all-ones gradients give zeros, and since
+    every gradient is positive each [G]_c is strictly increasing along its own axis.
+    """
+    components = []
+    for channel, dim in enumerate(_AXIS_OF_COMPONENT):
+        size = gradients.shape[dim]
+        index = torch.cumsum(gradients[:, channel], dim=dim - 1) - 1.0  # dim - 1: channel axis gone
+        position = torch.arange(size, device=gradients.device, dtype=gradients.dtype)
+        view = [1, 1, 1]
+        view[dim - 2] = size
+        components.append((index - position.view(view)) * (2.0 / max(size - 1, 1)))
+    return torch.stack(components, dim=1)
+
+
+def deform_points(gradients: torch.Tensor, points: torch.Tensor, integration: str = "sequential") -> torch.Tensor:
+    """Carry normalised `points` (N, D, H, W, 3) through the deformable transform of `gradients`.
+
+    "paper": all three components of G are read at the point at once, G(q) = q + d(q). Each grid
+    line is monotonic, but shear between neighbouring lines accumulates along the cumulative sum
+    and the 3-D Jacobian can turn negative (it folds for random weights).
+    "sequential": the same cumulative sums applied as three one-axis sweeps, x then y then z; each
+    sweep q -> (..., q_c + d_c(q), ...) only moves points along axis c and is strictly increasing
+    along it, so its Jacobian determinant is d[G]_c/dq_c > 0 and the composition cannot fold.
+    Displacements are read with border extension, so the map continues with slope 1 outside.
+    Both are the identity for all-ones gradients and agree to first order for small ones.
+    """
+    displacement = axial_displacements(gradients)
+    if integration == "paper":
+        sampled = F.grid_sample(displacement, points.to(displacement.dtype), mode="bilinear",
+                                padding_mode="border", align_corners=True)
+        return points + sampled.permute(0, 2, 3, 4, 1)
+    if integration != "sequential":
+        raise ValueError(f"unknown integration {integration!r}: expected 'sequential' or 'paper'")
+    for channel in range(3):
+        moved = points[..., channel] + F.grid_sample(
+            displacement[:, channel : channel + 1], points.to(displacement.dtype), mode="bilinear",
+            padding_mode="border", align_corners=True)[:, 0]
+        points = torch.cat([points[..., :channel], moved.unsqueeze(-1), points[..., channel + 1 :]], dim=-1)
+    return points
+
+
+def affine_grid(theta: torch.Tensor, shape_dhw: tuple[int, int, int]) -> torch.Tensor:
+    """Normalised grid of a 3 x 4 affine `theta` acting on (x, y, z, 1), (N, D, H, W, 3)."""
+    return F.affine_grid(theta, [theta.shape[0], 1, *shape_dhw], align_corners=True)
+
+
+def sampling_grid(gradients: torch.Tensor, theta: torch.Tensor | None, integration: str = "sequential") -> torch.Tensor:
+    """The grid of W(W(S, G_N), G_A) = S(G_N(G_A(p))): the affine maps each fixed voxel first and
+    the deformable transform is applied to that point. Composing the transforms and sampling the
+    image once avoids a second interpolation blur.
+    """
+    shape = tuple(gradients.shape[2:])
+    if theta is None:
+        points = identity_grid(shape, gradients.shape[0], gradients.device, gradients.dtype)
+    else:
+        points = affine_grid(theta.to(gradients.dtype), shape)
+    return deform_points(gradients, points, integration)
+
+
+def map_normalised_points(gradients: torch.Tensor, theta: torch.Tensor | None, points: torch.Tensor,
+                          integration: str = "sequential") -> torch.Tensor:
+    """The network's continuous transform at arbitrary normalised fixed points (N, K, 3).
+
+    The same composition as `sampling_grid`, evaluated anywhere rather than at voxel centres
+    (used to check the Jacobian of the continuous map, and to map points exactly).
+    """
+    points = points.to(gradients.dtype)
+    if theta is not None:
+        theta = theta.to(gradients.dtype)
+        points = points @ theta[:, :, :3].transpose(1, 2) + theta[:, :, 3].unsqueeze(1)
+    return deform_points(gradients, points[:, None, None], integration)[:, 0, 0]
+
+
+def warp(image: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Resample `image` (N, C, D, H, W) at `grid`; trilinear, zero outside the moving volume."""
+    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode="zeros", align_corners=True)
+
+
+# ------------------------------------------------------------------ to physical space
+
+
+def _normalised_to_index_matrix(grid: Grid) -> np.ndarray:
+    """4 x 4 homogeneous matrix taking normalised (x, y, z) to voxel indices of `grid`."""
+    half_extent = (np.asarray(grid.size, float) - 1.0) / 2.0
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.diag(half_extent)
+    matrix[:3, 3] = half_extent
+    return matrix
+
+
+def _index_to_world_matrix(grid: Grid) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = grid.index_to_world_matrix
+    matrix[:3, 3] = grid.origin
+    return matrix
+
+
+def affine_to_physical(theta: np.ndarray, fixed: Grid, moving: Grid) -> sitk.AffineTransform:
+    """The network's normalised 3 x 4 affine as an ITK transform (fixed mm -> moving mm)."""
+    theta_h = np.vstack([np.asarray(theta, float).reshape(3, 4), [0, 0, 0, 1]])
+    fixed_world_to_norm = np.linalg.inv(_index_to_world_matrix(fixed) @ _normalised_to_index_matrix(fixed))
+    moving_norm_to_world = _index_to_world_matrix(moving) @ _normalised_to_index_matrix(moving)
+    physical = moving_norm_to_world @ theta_h @ fixed_world_to_norm
+    transform = sitk.AffineTransform(3)
+    transform.SetMatrix(physical[:3, :3].ravel().tolist())
+    transform.SetTranslation(physical[:3, 3].tolist())
+    return transform
+
+
+def grid_to_displacement(grid: np.ndarray, fixed: Grid, moving: Grid) -> np.ndarray:
+    """Physical displacement field (z, y, x, 3) of a normalised grid (D, H, W, 3).
+
+    ITK displacement-field convention: at every fixed voxel centre x, the offset in mm to the
+    moving-image point the voxel takes its value from, so T(x) = x + u(x).
+    """
+    homogeneous = np.concatenate([grid, np.ones(grid.shape[:-1] + (1,))], axis=-1)
+    moving_norm_to_world = _index_to_world_matrix(moving) @ _normalised_to_index_matrix(moving)
+    moving_points = homogeneous @ moving_norm_to_world[:3].T
+    return moving_points - fixed.voxel_centres()
+
+
+def identity_displacement(fixed: Grid, moving: Grid) -> np.ndarray:
+    """Displacement of the voxel-identity between two grids of equal shape.
+
+    This is what the network outputs at initialisation and what "Unregistered" means for the
+    preprocessed arrays: voxel p of the fixed grid reads voxel p of the moving grid. For the two
+    phases of one subject (one common grid) it is zero.
+    """
+    if fixed.size != moving.size:
+        raise ValueError(f"grids differ in size: {fixed.size} vs {moving.size}")
+    return grid_to_displacement(identity_grid(fixed.shape, dtype=torch.float64).numpy()[0], fixed, moving)
+
+
+def displacement_image(displacement: np.ndarray, fixed: Grid) -> sitk.Image:
+    """A float64 vector image holding a (z, y, x, 3) field on `fixed` (what ITK transforms need)."""
+    image = sitk.GetImageFromArray(np.asarray(displacement, dtype=np.float64), isVector=True)
+    return fixed.apply_to(image)
+
+
+def displacement_transform(displacement: np.ndarray | sitk.Image, fixed: Grid | None = None) -> sitk.DisplacementFieldTransform:
+    """An ITK DisplacementFieldTransform of a field given as array (with its grid) or image."""
+    image = displacement if isinstance(displacement, sitk.Image) else displacement_image(displacement, fixed)
+    if image.GetPixelID() != sitk.sitkVectorFloat64:
+        image = sitk.Cast(image, sitk.sitkVectorFloat64)
+    return sitk.DisplacementFieldTransform(image)

@@ -1,0 +1,311 @@
+"""Classical baselines (ANTsPy SyN, SimpleITK affine + B-spline / demons): conventions and pitfalls.
+
+Synthetic phantoms are analytic functions of PHYSICAL position, so a known translation or smooth
+deformation between fixed and moving is exact whatever the grids; the real thorax CT checks the
+affine stage against a known rigid transform.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from lungreg import baselines, metrics
+from lungreg.baselines import RegistrationError, build_baseline, sitk_affine
+from lungreg.evaluate import Phase, evaluate_pair
+from lungreg.geometry import Grid, image_from_array
+from lungreg.registration import LoadedPair
+from lungreg.study import Pair
+from lungreg.transform import displacement_transform, identity_displacement
+
+SITK_METHODS = ("sitk_bspline", "sitk_demons")
+
+
+def rotation_z(degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def centred_grid(size_xyz, spacing, direction=np.eye(3), centre=(0.0, 0.0, 0.0)) -> Grid:
+    size, spacing = np.asarray(size_xyz), np.asarray(spacing, float)
+    origin = np.asarray(centre) - direction @ (spacing * (size - 1) / 2)
+    return Grid(tuple(int(v) for v in size), tuple(spacing), tuple(origin), tuple(np.asarray(direction).ravel()))
+
+
+# ------------------------------------------------------------------- an analytic thorax phantom
+
+RNG = np.random.default_rng(7)
+LUNG_CENTRES = np.array([[-42.0, 0.0, 5.0], [42.0, 0.0, 5.0]])
+LUNG_RADII = np.array([32.0, 45.0, 55.0])
+VESSELS = np.concatenate([c + RNG.uniform(-0.6, 0.6, (12, 3)) * LUNG_RADII for c in LUNG_CENTRES])
+
+
+def _soft_inside(points: np.ndarray, centre, radii, width: float = 4.0) -> np.ndarray:
+    """~1 inside an ellipsoid, ~0 outside, a smooth edge about `width` mm wide."""
+    level = np.sqrt((((points - centre) / radii) ** 2).sum(-1))
+    return 1.0 / (1.0 + np.exp((level - 1.0) * np.min(radii) / width))
+
+
+def phantom(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Image values in [0, 1] and the lung mask at physical `points` (..., 3): a bright body,
+    two dark lungs with bright "vessel" blobs."""
+    image = 0.8 * _soft_inside(points, (0.0, 0.0, 0.0), (105.0, 85.0, 80.0))
+    lungs = np.zeros(points.shape[:-1])
+    for centre in LUNG_CENTRES:
+        lungs = np.maximum(lungs, _soft_inside(points, centre, LUNG_RADII))
+    image = image * (1.0 - 0.8 * lungs)
+    for vessel in VESSELS:
+        image += 0.5 * lungs * np.exp(-((points - vessel) ** 2).sum(-1) / (2 * 7.0 ** 2))
+    return np.clip(image, 0.0, 1.0).astype(np.float32), lungs > 0.5
+
+
+def make_phase(grid: Grid, correspondence, landmarks: np.ndarray | None = None) -> Phase:
+    """A phase whose voxel at x shows the phantom at correspondence(x)."""
+    image, mask = phantom(correspondence(grid.voxel_centres()))
+    table = pd.DataFrame(columns=["landmark", "x", "y", "z", "in_view"])
+    if landmarks is not None:
+        table = pd.DataFrame({"landmark": [f"l{i}" for i in range(len(landmarks))], "x": landmarks[:, 0],
+                              "y": landmarks[:, 1], "z": landmarks[:, 2], "in_view": True})
+    return Phase(image_from_array(image, grid), mask, grid, table)
+
+
+def loaded_pair(fixed: Phase, moving: Phase, name: str = "s01") -> LoadedPair:
+    return LoadedPair(Pair(name, "inhale", name, "exhale"), fixed, moving)
+
+
+# ------------------------------------------------------------------------ options, pyramid
+
+
+def test_options_are_checked_and_every_method_builds():
+    for method in baselines.METHODS:
+        registrar = build_baseline(method, {}, threads=1)
+        assert (registrar.name, registrar.device, registrar.threads, registrar.batch_size) == (method, "cpu", 1, 1)
+    with pytest.raises(ValueError, match="unknown option"):
+        build_baseline("sitk_bspline", {"grid_spacing": 20}, 1)
+    with pytest.raises(ValueError, match="unknown baseline method"):
+        build_baseline("elastix", {}, 1)
+
+
+def test_the_workflow_config_options_are_accepted():
+    yaml = pytest.importorskip("yaml")
+    from pathlib import Path
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
+    workflow_keys = {"enabled", "protocols", "chunks"}
+    for method, section in config["baselines"].items():
+        baselines.resolve_options(method, {k: v for k, v in section.items() if k not in workflow_keys})
+
+
+def test_pyramid_keeps_enough_voxels_at_the_coarsest_level():
+    # the default study's cropped lungs (~ 36 x 24 x 22 voxels): too small to shrink
+    assert baselines.pyramid_schedule((36, 24, 22), (8.3, 8.3, 12.5), 5000) == ([1], [0.0])
+    factors, sigmas = baselines.pyramid_schedule((150, 110, 55), (2.1, 2.1, 4.7), 200_000)
+    assert factors == [4, 2, 1] and sigmas == pytest.approx([4.2, 2.1, 0.0])
+    for factor in factors:
+        assert min(np.asarray((150, 110, 55)) // factor) >= 12 and 200_000 / factor ** 3 >= 1000
+    # few mask voxels limit the pyramid even when the box is large
+    assert baselines.pyramid_schedule((150, 110, 55), (2.1, 2.1, 4.7), 3000)[0] == [1]
+
+
+def test_itk_threads_are_set_and_restored(monkeypatch):
+    monkeypatch.setenv(baselines.ITK_THREADS_ENV, "7")
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    with baselines.itk_threads(1):
+        assert os.environ[baselines.ITK_THREADS_ENV] == "1"
+        assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
+    assert os.environ[baselines.ITK_THREADS_ENV] == "7"
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
+
+
+# ------------------------------------------------------------------- real thorax CT, known rigid
+
+
+def test_sitk_affine_recovers_the_known_rotation_of_the_thorax_ct(cip_thorax_ct64):
+    def scaled(name: str) -> sitk.Image:  # CT HU: clip [-1000, 300] to [0, 1]
+        image = sitk.Cast(sitk.ReadImage(str(cip_thorax_ct64 / name)), sitk.sitkFloat32)
+        return sitk.Cast(sitk.IntensityWindowing(image, -1000, 300, 0, 1), sitk.sitkFloat32)
+
+    fixed, moving = scaled("ct-64.nrrd"), scaled("ct-64-transformed.nrrd")
+    mask = sitk.ReadImage(str(cip_thorax_ct64 / "wholeLung-64.nrrd")) > 0
+
+    # Which way does tr.tfm go? The transformed file holds the same voxels as ct-64 under a header
+    # with direction R and origin o2, so fixed point p (voxel i = (p - o1) / s) sits at moving point
+    # q = o2 + R (p - o1). tr.tfm's matrix is R^T: it is the INVERSE of that, the moving -> fixed
+    # map; the fixed -> moving transform a registration must find (ITK convention) is its inverse.
+    tr = sitk.AffineTransform(sitk.ReadTransform(str(cip_thorax_ct64 / "tr.tfm")))
+    truth = tr.GetInverse()
+    rotation = np.asarray(moving.GetDirection()).reshape(3, 3)
+    header_map = lambda p: np.asarray(moving.GetOrigin()) + rotation @ (np.asarray(p) - np.asarray(fixed.GetOrigin()))
+    for p in ([0.0, 0.0, 0.0], [10.0, -100.0, -200.0]):
+        np.testing.assert_allclose(truth.TransformPoint(p), header_map(p), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(tr.GetMatrix()).reshape(3, 3), rotation.T, atol=1e-9)
+
+    # REGULAR sampling of a quarter of the cropped lung box keeps the test quick
+    affine, notes = sitk_affine(fixed, moving, mask, {"sampling_percentage": 0.25, "mask_dilation_mm": 0.0}, "thorax")
+    assert notes["linear_flag"] == "ok", notes
+    matrix = np.asarray(affine.GetMatrix()).reshape(3, 3)
+    angle = np.degrees(np.arctan2(matrix[1, 0], matrix[0, 0]))
+    assert abs(angle - 20.0) < 1.0
+    np.testing.assert_allclose(matrix, rotation, atol=np.radians(1.0))
+    # translation at the lung's centre (at the world origin it would mix in the rotation error)
+    centre = np.asarray(mask.TransformContinuousIndexToPhysicalPoint(
+        np.argwhere(sitk.GetArrayFromImage(mask))[:, ::-1].mean(0).tolist()))
+    found = np.asarray(affine.TransformPoint(centre.tolist())) - centre
+    expected = np.asarray(truth.TransformPoint(centre.tolist())) - centre
+    assert np.linalg.norm(expected) > 20.0  # the shift is real
+    assert np.all(np.abs(found - expected) < 1.0), (found, expected)
+
+
+# ------------------------------------------------------------------- the rejection-sampling trap
+
+
+def _box_scene(grid: Grid, shift=(0.0, 0.0, 0.0)) -> tuple[sitk.Image, np.ndarray]:
+    """Seed 002's experiment in 3D: a textured box at a fixed physical place; mask = box + 5 mm."""
+    points = grid.voxel_centres() - np.asarray(shift)
+    lo, hi = np.array([-16.0, -12.0, -8.0]), np.array([16.0, 12.0, 8.0])
+    inside = np.all((points > lo) & (points < hi), axis=-1)
+    texture = 0.5 + 0.25 * np.sin(points[..., 0] / 4.0) * np.cos(points[..., 1] / 5.0) + 0.1 * np.sin(points[..., 2] / 3.0)
+    image = image_from_array(sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
+        image_from_array((inside * texture).astype(np.float32), grid), 1.5)), grid)
+    return image, np.all((points > lo - 5) & (points < hi + 5), axis=-1)
+
+
+def test_masked_registration_does_not_depend_on_the_image_extent():
+    shift = (1.6, 3.0, -1.2)  # mm, the moving box sits here relative to the fixed one
+    spacing = (2.0, 2.0, 2.0)
+    small = Grid((40, 40, 24), spacing, (-39.0, -39.0, -23.0), tuple(np.eye(3).ravel()))
+    large = Grid((160, 160, 96), spacing, (-159.0, -159.0, -95.0), tuple(np.eye(3).ravel()))  # 4x the extent
+    options = {"mask_dilation_mm": 4.0, "crop_margin_mm": 6.0, "linear_stages": ["rigid"]}
+    centre = np.zeros(3)
+    found, crops = [], []
+    for grid in (small, large):
+        fixed, mask = _box_scene(grid)
+        moving, _ = _box_scene(grid, shift)
+        crop, _ = baselines.crop_to_mask(fixed, baselines.dilate_mask(baselines.mask_image(mask, fixed), 4.0), 6.0)
+        crops.append(crop)
+        affine, notes = sitk_affine(fixed, moving, mask, options, f"extent {grid.size}")
+        assert notes["linear_flag"] == "ok", notes
+        found.append(np.asarray(affine.TransformPoint(centre.tolist())) - centre)
+    # every metric sample comes from the crop: the same physical box, the same voxels, on both canvases
+    assert crops[0].GetSize() == crops[1].GetSize() and crops[0].GetSize() < small.size
+    np.testing.assert_allclose(crops[0].GetOrigin(), crops[1].GetOrigin())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(crops[0]), sitk.GetArrayFromImage(crops[1]))
+    np.testing.assert_allclose(found[0], found[1], atol=0.1 * spacing[0])  # within 0.1 voxel
+    np.testing.assert_allclose(found[0], shift, atol=0.5 * spacing[0])  # and right
+
+
+# ------------------------------------------------------------------- no overlap: a clear error
+
+
+def test_no_overlap_raises_a_clear_error_naming_the_pair():
+    grid = centred_grid((24, 24, 16), (6.0, 6.0, 8.0))
+    fixed = make_phase(grid, lambda p: p)
+    far = Grid(grid.size, grid.spacing, tuple(np.asarray(grid.origin) + [1000.0, 0.0, 0.0]), grid.direction)
+    moving = make_phase(far, lambda p: p - [1000.0, 0.0, 0.0])
+    # without an initialiser the images share no extent
+    with pytest.raises(RegistrationError, match=r"s01_inhale__s01_exhale: only 0\.0% of the fixed lung-mask points"):
+        build_baseline("sitk_bspline", {"initializer": "none"}, 1).register([loaded_pair(fixed, moving)])
+    with pytest.raises(RegistrationError, match="s01_inhale__s01_exhale"):
+        build_baseline("syn", {"initializer": "none"}, 1).register([loaded_pair(fixed, moving)])
+    # the centred initialiser cannot help a mask in one corner of a large image against a small one
+    corner = np.zeros(grid.shape, bool)
+    corner[:3, :3, :3] = True
+    tiny = centred_grid((6, 6, 4), (6.0, 6.0, 8.0))
+    with pytest.raises(RegistrationError, match="corner pair: only 0.0%"):
+        sitk_affine(fixed.image, make_phase(tiny, lambda p: p).image, corner, {"initializer": "geometry"}, "corner pair")
+    # on_error: identity keeps the chunk going, with the failure in the flag
+    result = build_baseline("sitk_demons", {"initializer": "none", "on_error": "identity"}, 1).register(
+        [loaded_pair(fixed, moving)])[0]
+    assert result.notes["flag"] == "failed" and "only 0.0%" in result.notes["stop_condition"]
+
+
+def test_zero_iteration_runs_are_flagged():
+    grid = centred_grid((24, 24, 16), (6.0, 6.0, 8.0))
+    fixed = make_phase(grid, lambda p: p)
+    moving = make_phase(grid, lambda p: p - [4.0, 0.0, 0.0])
+    _, notes = sitk_affine(fixed.image, moving.image, fixed.mask, {"linear_iterations": 0})
+    assert "rigid:zero_iterations" in notes["linear_flag"] and "affine:zero_iterations" in notes["linear_flag"]
+    result = build_baseline("sitk_demons", {"demons_iterations": [0]}, 1).register([loaded_pair(fixed, moving)])[0]
+    assert "deformable:zero_iterations" in result.notes["flag"]
+    assert baselines.assess_stage("GradientDescentOptimizerv4Template: Gradient magnitude tolerance met", 1, 1, True) \
+        == "zero_gradient"
+    assert baselines.assess_stage("LBFGSBOptimizerv4: Function tolerance reached", 12, 12, True, 0.5, 0.2) == "ok"
+    assert baselines.assess_stage("x: Maximum number of iterations (100) exceeded", 100, 100, True, 0.2, 0.5) \
+        == "metric_worse"
+
+
+# ------------------------------------------------------------------- conventions, both libraries
+
+
+@pytest.mark.parametrize("method", ["syn", *SITK_METHODS])
+def test_a_known_translation_comes_out_with_the_right_sign(method):
+    """Moving = fixed content moved by +t (mm): T(x) = x + t maps fixed points to moving points."""
+    t = np.array([6.0, -4.5, 5.0])
+    grid = centred_grid((32, 28, 20), (6.0, 6.0, 8.0), rotation_z(10.0))  # a rotated header too
+    fixed = make_phase(grid, lambda p: p)
+    moving = make_phase(grid, lambda p: p - t)
+    result = build_baseline(method, {}, 1).register([loaded_pair(fixed, moving)])[0]
+
+    assert result.displacement.shape == (*grid.shape, 3)
+    assert result.seconds > 0 and np.isfinite(result.seconds)
+    for key in ("flag", "stop_condition", "iterations", "metric_value", "initial_overlap", "final_overlap"):
+        assert key in result.notes
+    if method in SITK_METHODS:
+        assert result.notes["flag"] == "ok", result.notes
+        assert result.notes["stop_condition"] and result.notes["iterations"] > 0
+        assert "affine_stop_condition" in result.notes and "rigid_iterations" in result.notes
+
+    inside = fixed.mask
+    np.testing.assert_allclose(np.median(result.displacement[inside], axis=0), t, atol=1.0)
+    # the affine part alone maps the lung centre by t as well
+    centre = grid.voxel_centres()[inside].mean(0)
+    np.testing.assert_allclose(np.asarray(result.affine.TransformPoint(centre.tolist())) - centre, t, atol=1.5)
+    # resampling the moving image through OUR field reproduces the library's own warped image
+    ours = sitk.GetArrayFromImage(sitk.Resample(moving.image, fixed.image, displacement_transform(result.displacement, grid),
+                                                sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    theirs = sitk.GetArrayFromImage(result.warped)
+    assert Grid.of(result.warped).matches_grid(grid)
+    np.testing.assert_allclose(ours[inside], theirs[inside], atol=2e-3)
+    # and the field is what the shared evaluation code measures: far better than unregistered
+    row, _ = evaluate_pair(Pair("s01", "inhale", "s01", "exhale"), fixed, moving, result.displacement)
+    before, _ = evaluate_pair(Pair("s01", "inhale", "s01", "exhale"), fixed, moving, identity_displacement(grid, grid))
+    assert row["dice"] > before["dice"] + 0.05
+
+
+# ------------------------------------------------------------------- SyN on a known deformation
+
+
+def known_field(points: np.ndarray) -> np.ndarray:
+    """A smooth, invertible fixed -> moving displacement (mm): a shift plus two lung-sized bumps
+    ("diaphragm" motion along z, expansion along x); max |du/dx| ~ 0.2."""
+    u = np.broadcast_to(np.array([2.0, -1.5, 3.0]), points.shape).copy()
+    for sign, centre in zip((-1.0, 1.0), LUNG_CENTRES):
+        bump = np.exp(-((points - (centre + [0.0, 0.0, -30.0])) ** 2).sum(-1) / (2 * 38.0 ** 2))
+        u[..., 2] += 14.0 * bump
+        u[..., 0] += sign * 6.0 * bump
+    return u
+
+
+def test_syn_beats_unregistered_on_a_known_smooth_deformation():
+    grid = centred_grid((40, 36, 24), (6.0, 6.0, 8.0))
+    landmarks = np.concatenate([c + np.array([[0, 0, 0], [12, 15, 20], [-10, -12, -25], [8, -18, 10], [-5, 10, -12]])
+                                for c in LUNG_CENTRES]).astype(float)
+    fixed = make_phase(grid, lambda p: p + known_field(p), landmarks)
+    moving = make_phase(grid, lambda p: p, landmarks + known_field(landmarks))
+    result = build_baseline("syn", {}, 1).register([loaded_pair(fixed, moving)])[0]
+    pair = Pair("s01", "inhale", "s01", "exhale")
+    unregistered, _ = evaluate_pair(pair, fixed, moving, identity_displacement(grid, grid))
+    registered, _ = evaluate_pair(pair, fixed, moving, result.displacement)
+    assert result.notes["flag"] == "ok"
+    assert registered["dice"] > unregistered["dice"] + 0.05, (registered["dice"], unregistered["dice"])
+    assert registered["ds"] < 0.5 * unregistered["ds"], (registered["ds"], unregistered["ds"])
+    # inside the lungs the field is close to the truth, and does not fold
+    error = np.linalg.norm(result.displacement - known_field(grid.voxel_centres()), axis=-1)[fixed.mask]
+    assert np.median(error) < 3.0
+    assert registered["jacobian_fraction_nonpositive"] == 0.0
+    np.testing.assert_allclose(metrics.landmark_errors(known_field(grid.voxel_centres()), grid, landmarks,
+                                                       landmarks + known_field(landmarks))[:, 3], 0, atol=0.6)

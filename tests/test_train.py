@@ -1,0 +1,110 @@
+"""Training: gradients, learning a known shift, checkpoint resume, NaN handling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from lungreg import io, losses
+from lungreg.geometry import Grid, image_from_array
+from lungreg.losses import LossSettings
+from lungreg.model import ModelSettings, RegistrationNet
+from lungreg.train import PairFiles, TrainSettings, train
+
+SHAPE = (12, 20, 20)  # z, y, x
+GRID = Grid(size=SHAPE[::-1], spacing=(2.0, 2.0, 3.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()))
+SHIFT_VOXELS = 2.0  # along x
+
+
+def blobs(shift_x: float = 0.0) -> np.ndarray:
+    """A few smooth blobs, optionally moved along x (voxel units)."""
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=float) for n in SHAPE), indexing="ij")
+    image = np.zeros(SHAPE)
+    for cz, cy, cx, r in [(6, 8, 7, 3.0), (5, 13, 12, 2.5), (7, 6, 13, 2.0), (4, 12, 6, 2.0)]:
+        image += np.exp(-(((z - cz) / r) ** 2 + ((y - cy) / r) ** 2 + ((x - cx - shift_x) / r) ** 2))
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
+@pytest.fixture
+def shifted_pair(tmp_path) -> PairFiles:
+    """Moving = fixed content moved by SHIFT_VOXELS along x; masks are the bright regions."""
+    paths = {}
+    for name, array in {"moving": blobs(SHIFT_VOXELS), "fixed": blobs()}.items():
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        paths[f"{name}_mask"] = tmp_path / f"{name}_mask.nii.gz"
+        io.write_image(image_from_array(array, GRID), paths[name])
+        io.write_image(image_from_array((array > 0.3).astype(np.uint8), GRID), paths[f"{name}_mask"])
+    return PairFiles(str(paths["moving"]), str(paths["fixed"]), str(paths["moving_mask"]), str(paths["fixed_mask"]))
+
+
+SMALL = ModelSettings(width=0.125)
+FAST = TrainSettings(epochs=3, batch_size=1, learning_rate=1e-3, seed=7)
+
+
+def test_gradients_reach_both_branches_and_the_encoder():
+    torch.manual_seed(0)
+    net = RegistrationNet(SMALL)
+    moving, fixed = torch.from_numpy(blobs(SHIFT_VOXELS))[None, None], torch.from_numpy(blobs())[None, None]
+    out = net(moving, fixed)
+    losses.registration_loss(LossSettings(), fixed, out.warped, out.theta, out.gradients)["loss"].backward()
+    assert net.deformable.head.weight.grad.abs().sum() > 0
+    assert net.linear.conv.weight.grad.abs().sum() > 0
+    # The last layers start at zero, so deeper layers see gradients from the second step on.
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
+    net.zero_grad()
+    out = net(moving, fixed)
+    losses.registration_loss(LossSettings(), fixed, out.warped, out.theta, out.gradients)["loss"].backward()
+    assert net.encoder.layers[0][0].weight.grad.abs().sum() > 0
+    assert net.deformable.convs[0][0].weight.grad.abs().sum() > 0
+
+
+def test_short_training_recovers_a_known_shift(shifted_pair):
+    checkpoint, history = train([shifted_pair] * 4, [shifted_pair], SMALL, LossSettings(),
+                                TrainSettings(epochs=25, batch_size=2, learning_rate=3e-3, seed=1))
+    assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[0]
+    net = RegistrationNet(SMALL)
+    net.load_state_dict(checkpoint["state_dict"])
+    with torch.no_grad():
+        out = net.eval()(torch.from_numpy(blobs(SHIFT_VOXELS))[None, None], torch.from_numpy(blobs())[None, None])
+    displacement_x = (out.grid[0, ..., 0] + 1) / 2 * (SHAPE[2] - 1) - torch.arange(SHAPE[2])  # voxels
+    inside = torch.from_numpy(blobs() > 0.3)
+    error_registered = (displacement_x[inside] - SHIFT_VOXELS).abs().mean()
+    assert error_registered < 0.5 * SHIFT_VOXELS, f"mean x error {error_registered:.2f} voxels (identity: {SHIFT_VOXELS})"
+    assert history["val_dice"].iloc[-1] > history["val_dice_unregistered"].iloc[-1]
+
+
+def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(shifted_pair, tmp_path):
+    pairs = [shifted_pair] * 3
+    whole, whole_history = train(pairs, [shifted_pair], SMALL, LossSettings(), FAST, tmp_path / "a.pt")
+    train(pairs, [shifted_pair], SMALL, LossSettings(), TrainSettings(**{**FAST.__dict__, "epochs": 1}), tmp_path / "b.pt")
+    resumed, resumed_history = train(pairs, [shifted_pair], SMALL, LossSettings(), FAST, tmp_path / "b.pt")
+    assert list(resumed_history["epoch"]) == [1, 2, 3]
+    for name, tensor in whole["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    columns = [c for c in whole_history.columns if c != "seconds"]
+    assert whole_history[columns].equals(resumed_history[columns])
+
+
+def test_a_checkpoint_from_other_settings_is_not_resumed(shifted_pair, tmp_path):
+    train([shifted_pair], [shifted_pair], SMALL, LossSettings(), TrainSettings(epochs=1, seed=1), tmp_path / "c.pt")
+    _, history = train([shifted_pair], [shifted_pair], SMALL, LossSettings(), TrainSettings(epochs=1, seed=2), tmp_path / "c.pt")
+    assert list(history["epoch"]) == [1]  # started over: the seed differs
+
+
+def test_garbage_checkpoint_names_the_file_and_the_remedy(shifted_pair, tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(io.CorruptFileError, match="broken.pt.*delete it"):
+        train([shifted_pair], [shifted_pair], SMALL, LossSettings(), FAST, path)
+
+
+def test_nan_loss_stops_with_the_epoch_named(shifted_pair, tmp_path):
+    broken = tmp_path / "nan.mha"  # NIfTI reading in SimpleITK turns NaN into 0
+    array = blobs()
+    array[3, 3, 3] = np.nan
+    sitk.WriteImage(image_from_array(array, GRID), str(broken))
+    pair = PairFiles(shifted_pair.moving_image, str(broken), shifted_pair.moving_mask, shifted_pair.fixed_mask)
+    with pytest.raises(FloatingPointError, match="epoch 1, batch 1"):
+        train([pair], [pair], SMALL, LossSettings(), FAST)
