@@ -7,7 +7,7 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 validate(config, "config/schemas/config.schema.yaml")
@@ -23,6 +23,7 @@ include: "rules/train.smk"
 include: "rules/register.smk"
 include: "rules/baselines.smk"
 include: "rules/evaluate.smk"
+include: "rules/classify.smk"
 
 
 rule all:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
+from lungreg import classify
 from lungreg import cohort as synthetic
 from lungreg import manifest, study
 from lungreg.io import InputError
@@ -180,6 +182,71 @@ def baseline_options(wildcards):
     return {k: v for k, v in config["baselines"][wildcards.method].items() if k not in BASELINE_KEYS}
 
 
+# ----------------------------------------------------------------- classification
+
+CLASSIFY = config.get("classify", {})
+CLASSIFY_METHOD = CLASSIFY.get("method", "proposed")
+CLASSIFY_FOLDS = int(CLASSIFY.get("folds", 5))
+CLASSIFY_CLASSIFIERS = list(CLASSIFY.get("classifiers", ["cnn", "logistic"]))
+CLASSIFY_SKLEARN = [c for c in CLASSIFY_CLASSIFIERS if c in classify.SKLEARN_CLASSIFIERS]
+CLASSIFY_LABELLED = classify.labelled_subjects(COHORT)
+
+
+def classification_skip_reason():
+    """Why this configuration has no classification, or None when it has one."""
+    if not CLASSIFY.get("enabled", True):
+        return "disabled (classify: enabled: false)"
+    if config["inference"].get("save_fields", "intra_patient") == "none":
+        return "inference: save_fields is none, so no inhale-exhale field is written"
+    problem = classify.feasibility(COHORT, CLASSIFY_FOLDS)
+    return f"skipped: {problem}" if problem else None
+
+
+CLASSIFY_SKIP = classification_skip_reason()
+if CLASSIFY_SKIP:
+    logger.warning(f"ILD classification: {CLASSIFY_SKIP}")
+
+
+def classification_outputs(wildcards=None):
+    """Final files of the classification; empty when it is disabled or the cohort is too small."""
+    if CLASSIFY_SKIP:
+        return []
+    return ["results/classification/folds.tsv", "results/tables/classification.tsv",
+            "results/classification/predictions.tsv", "results/classification/roc.png"]
+
+
+def classify_field_paths(wildcards=None):
+    """subject -> its inhale-exhale displacement field, inside the chunk folder that writes it."""
+    pairs = method_pairs(CLASSIFY_METHOD, "inhale_exhale")
+    count = chunk_count(CLASSIFY_METHOD, "inhale_exhale")
+    labelled = set(CLASSIFY_LABELLED["subject"])
+    folder = f"results/registration/{CLASSIFY_METHOD}/inhale_exhale"
+    return {p.fixed_subject: f"{folder}/chunk-{c}/{p.name}/displacement.nii.gz"
+            for c in range(count) for p in study.chunk_pairs(pairs, count, c) if p.fixed_subject in labelled}
+
+
+def classify_chunks(wildcards):
+    """The chunk folders (directory() outputs of register_network) holding the labelled subjects."""
+    return sorted({str(Path(path).parent.parent) for path in classify_field_paths().values()})
+
+
+def classify_mask_paths(wildcards=None):
+    return {s: str(PREPROCESSED.mask(s, FIXED_PHASE)) for s in CLASSIFY_LABELLED["subject"]}
+
+
+def classify_mask_files(wildcards):
+    return list(classify_mask_paths().values())
+
+
+def classifier_options(wildcards):
+    return CLASSIFY.get(wildcards.classifier, {})
+
+
+def classify_fold_predictions(wildcards=None):
+    return {c: [f"results/classification/{c}/fold-{k}/predictions.tsv" for k in range(CLASSIFY_FOLDS)]
+            for c in CLASSIFY_CLASSIFIERS}
+
+
 # ------------------------------------------------------------------------ targets
 
 TABLES = ["pairs", "landmarks", "table1_dice", "table2_landmarks", "jacobian", "endpoint_error"]
@@ -190,6 +257,7 @@ def final_outputs(wildcards=None):
         ["results/cohort/subjects.tsv"]
         + [f"results/model/{v}/model.pt" for v in VARIANTS]
         + [f"results/tables/{t}.tsv" for t in TABLES]
+        + classification_outputs()
     )
 
 

@@ -28,3 +28,13 @@ def elastix_lung_pair() -> Path:
 def cip_thorax_ct64() -> Path:
     """Real thorax CT with a copy whose header is rotated 20 degrees about z and shifted."""
     return _shared("cip_thorax_ct64")
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory) -> Path:
+    """The whole workflow run once on the tiny synthetic cohort (shared by the workflow tests)."""
+    from workflow_runner import copy_workflow, snakemake
+
+    workdir = copy_workflow(tmp_path_factory.mktemp("tiny_study"))
+    snakemake(workdir)
+    return workdir

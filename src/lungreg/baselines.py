@@ -85,7 +85,7 @@ SITK_LINEAR_DEFAULTS: dict[str, Any] = {
     "mattes_bins": 32,
     "sampling_percentage": 1.0,       # 1: every voxel of the dilated mask; < 1: REGULAR, seeded
     "linear_optimizer": "conjugate_gradient",  # or line_search, gradient_descent (all: scales from physical shift)
-    "linear_iterations": 200,         # per pyramid level
+    "linear_iterations": 200,         # per pyramid level (one number: SimpleITK has no per-level count)
     "max_step_mm": 2.0,               # gradient descent: the first step moves no point further than this
     "convergence_minimum": 1.0e-6,    # gradient descent: stop when the metric's slope over the
     "convergence_window": 10,         # last `convergence_window` iterations is below this
@@ -606,8 +606,9 @@ def _bspline_stage(prepared: Prepared, affine: sitk.AffineTransform, options: Ma
     if options["bspline_optimizer"] == "lbfgsb":
         # L-BFGS-B scales its own steps (ITK's LBFGSB ignores parameter scales); B-spline
         # coefficients are all displacements in mm, so they are commensurate anyway.
-        method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=float(options["lbfgsb_gradient_tolerance"]), numberOfIterations=iterations,
-                                    maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * iterations,
+        method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=float(options["lbfgsb_gradient_tolerance"]),
+                                    numberOfIterations=iterations, maximumNumberOfCorrections=5,
+                                    maximumNumberOfFunctionEvaluations=4 * iterations,
                                     costFunctionConvergenceFactor=float(options["lbfgsb_cost_factor"]))
     elif options["bspline_optimizer"] == "gradient_descent":
         configure_optimizer(method, "gradient_descent", iterations, options)

@@ -357,9 +357,9 @@ def _torch_modules():
     from torch import nn
 
     class ShallowCNN(nn.Module):
-        """Average-pool, three 3x3x3 convolutions (LeakyReLU, max-pooling after the first two),
-        adaptive average pooling to 2 x 2 x 2 (keeps coarse position: apex vs base, left vs
-        right), dropout and one linear unit giving the logit of P(ILD)."""
+        """Average-pool by ``pool``, three 3x3x3 convolutions (LeakyReLU, max-pooling after the
+        first two), adaptive average pooling onto ``spatial``^3 cells (2: keeps coarse position,
+        apex vs base, left vs right), dropout and one linear unit giving the logit of P(ILD)."""
 
         def __init__(self, settings: CnnSettings, in_channels: int = 3):
             super().__init__()
