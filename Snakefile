@@ -24,6 +24,7 @@ include: "rules/register.smk"
 include: "rules/baselines.smk"
 include: "rules/evaluate.smk"
 include: "rules/classify.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -94,7 +94,11 @@ rule classify_summary:
     input:
         **classify_fold_predictions(),
     output:
-        table="results/tables/classification.tsv",
+        table=report(
+            "results/tables/classification.tsv",
+            caption="../report/tables/classification.rst",
+            category="Tables",
+        ),
         predictions="results/classification/predictions.tsv",
         roc=report(
             "results/classification/roc.png",

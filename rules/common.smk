@@ -247,6 +247,62 @@ def classify_fold_predictions(wildcards=None):
             for c in CLASSIFY_CLASSIFIERS}
 
 
+# ------------------------------------------------------------------------- report
+
+REPORT = config.get("report", {})
+REPORT_METHOD = REPORT.get("method", "proposed")
+
+
+def report_pair_folders():
+    """{pair name: (pair, its chunk folder)} of the inhale-exhale pairs the report's overlays show."""
+    if (REPORT_METHOD, "inhale_exhale") not in method_protocols() or REPORT_METHOD == "unregistered" \
+            or config["inference"].get("save_fields", "intra_patient") == "none":
+        logger.warning(f"report: no overlays, {REPORT_METHOD} writes no inhale_exhale pair files in this configuration")
+        return {}
+    subjects = REPORT.get("subjects", 3)
+    if isinstance(subjects, int):
+        subjects = study.evaluation_subjects(COHORT)[:subjects]
+    unknown = sorted(set(subjects) - set(SUBJECTS))
+    if unknown:
+        raise WorkflowError(f"report: subjects: unknown subject(s) {', '.join(unknown)}")
+    pairs = method_pairs(REPORT_METHOD, "inhale_exhale")
+    count = chunk_count(REPORT_METHOD, "inhale_exhale")
+    folder = f"results/registration/{REPORT_METHOD}/inhale_exhale"
+    found = {p.fixed_subject: (p, f"{folder}/chunk-{c}") for c in range(count) for p in study.chunk_pairs(pairs, count, c)}
+    return {found[s][0].name: found[s] for s in subjects if s in found}
+
+
+REPORT_PAIRS = report_pair_folders()
+
+
+def report_pair_inputs(wildcards):
+    pair, chunk = REPORT_PAIRS[wildcards.pair]
+    return {"registration": chunk, "fixed": str(PREPROCESSED.image(pair.fixed_subject, pair.fixed_phase)),
+            "moving": str(PREPROCESSED.image(pair.moving_subject, pair.moving_phase)),
+            "fixed_mask": str(PREPROCESSED.mask(pair.fixed_subject, pair.fixed_phase))}
+
+
+def report_pair_folder(wildcards):
+    """The pair's own folder inside its chunk (displacement.nii.gz, warped.nii.gz...)."""
+    return f"{REPORT_PAIRS[wildcards.pair][1]}/{wildcards.pair}"
+
+
+def report_tables(wildcards=None):
+    """Every table of results/tables/ by name."""
+    names = TABLES + (["classification"] if classification_outputs() else [])
+    return {name: f"results/tables/{name}.tsv" for name in names}
+
+
+def report_outputs(wildcards=None):
+    """The report's figures (snakemake --report): overlays and a Jacobian map, boxplots, tables page."""
+    pairs = list(REPORT_PAIRS)
+    return (
+        [f"results/report/overlays/{REPORT_METHOD}/{p}.png" for p in pairs]
+        + [f"results/report/jacobian/{REPORT_METHOD}/{p}.png" for p in pairs[:1]]
+        + ["results/report/dice.png", "results/report/landmark_errors.png", "results/report/tables.html"]
+    )
+
+
 # ------------------------------------------------------------------------ targets
 
 TABLES = ["pairs", "landmarks", "table1_dice", "table2_landmarks", "jacobian", "endpoint_error"]
@@ -258,6 +314,7 @@ def final_outputs(wildcards=None):
         + [f"results/model/{v}/model.pt" for v in VARIANTS]
         + [f"results/tables/{t}.tsv" for t in TABLES]
         + classification_outputs()
+        + report_outputs()
     )
 
 

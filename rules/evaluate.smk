@@ -7,7 +7,10 @@ rule tables:
         metrics=registration_results("metrics"),
         landmarks=registration_results("landmarks"),
     output:
-        **{table: f"results/tables/{table}.tsv" for table in TABLES},
+        **{
+            table: report(f"results/tables/{table}.tsv", caption=f"../report/tables/{table}.rst", category="Tables")
+            for table in TABLES
+        },
     log:
         "results/logs/tables.log",
     benchmark:
