@@ -3,6 +3,7 @@
 # (classifier, fold), a shallow 3D CNN and a scikit-learn baseline on the same folds.
 
 rule classify_folds:
+    localrule: True  # seconds of work: on a cluster, not worth a job
     output:
         "results/classification/folds.tsv",
     params:
@@ -91,6 +92,7 @@ rule classify_sklearn:
 
 
 rule classify_summary:
+    localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         **classify_fold_predictions(),
     output:

@@ -20,6 +20,7 @@ rule synthesize_subject:
 
 
 rule cohort_table:
+    localrule: True  # seconds of work: on a cluster, not worth a job
     output:
         "results/cohort/subjects.tsv",
     params:

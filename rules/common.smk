@@ -13,10 +13,11 @@ from lungreg import classify
 from lungreg import cohort as synthetic
 from lungreg import manifest, study
 from lungreg.io import InputError
-from lungreg.registration import NETWORK_METHODS
+from lungreg.study import NETWORK_METHODS  # not lungreg.registration: planning need not import torch
 
-# Jobs import the library from this checkout, also inside --sdm conda environments.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [f"{workflow.basedir}/src", os.environ.get("PYTHONPATH")]))
+# Jobs import the library from this checkout, also inside --sdm conda environments. (Set with
+# update(): `snakemake --lint` takes an item assignment for a variable the user must define.)
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [f"{workflow.basedir}/src", os.environ.get("PYTHONPATH")])))
 
 PREPROCESSED = study.PreprocessedLayout(Path("results/preprocessed"))
 SYNTHETIC = Path("results/cohort/synthetic")
@@ -91,9 +92,9 @@ def preprocessed_files(subject, phase):
 
 
 def pair_files(pairs):
-    files = {f for p in pairs for s, ph in ((p.moving_subject, p.moving_phase), (p.fixed_subject, p.fixed_phase))
-             for f in preprocessed_files(s, ph)}
-    return sorted(files)
+    """The preprocessed files of the pairs' images: O(pairs) set work, O(distinct images) paths."""
+    images = {(p.moving_subject, p.moving_phase) for p in pairs} | {(p.fixed_subject, p.fixed_phase) for p in pairs}
+    return sorted(f for subject, phase in images for f in preprocessed_files(subject, phase))
 
 
 # ----------------------------------------------------------------------- training
@@ -147,9 +148,39 @@ def chunk_pairs(wildcards):
     return study.chunk_pairs(method_pairs(wildcards.method, wildcards.protocol), count, int(wildcards.chunk))
 
 
+# A chunk of an inter-patient protocol reads the fixed images of every subject of the protocol,
+# so listing them per chunk would make planning O(chunks x subjects) input files (40 000 pairs of
+# the cohort protocol in 64 chunks: ~80 000 DAG edges, ~30 s). Such a chunk depends instead on
+# one table of the protocol's preprocessed images (rule image_index), written once after all of
+# them: planning is O(chunks + subjects).
+INTER_PATIENT_PROTOCOLS = ("all_combinations", "cohort")
+
+
+def image_index(protocol):
+    return f"results/preprocessed/{protocol}_images.tsv"
+
+
+def protocol_images(protocol):
+    """(subject, phase) of every image the protocol's pairs read, sorted."""
+    pairs = PAIRS[protocol]
+    return sorted({(p.moving_subject, p.moving_phase) for p in pairs} | {(p.fixed_subject, p.fixed_phase) for p in pairs})
+
+
+def image_index_inputs(wildcards):
+    return [f for subject, phase in protocol_images(wildcards.protocol) for f in preprocessed_files(subject, phase)]
+
+
+def image_index_rows(wildcards):
+    return [dict(zip(("subject", "phase", "image", "mask", "landmarks"), (subject, phase, *preprocessed_files(subject, phase))))
+            for subject, phase in protocol_images(wildcards.protocol)]
+
+
 def chunk_inputs(wildcards):
     pairs = chunk_pairs(wildcards)
-    files = pair_files(pairs)
+    if wildcards.protocol in INTER_PATIENT_PROTOCOLS:
+        files = [image_index(wildcards.protocol)]
+    else:
+        files = pair_files(pairs)
     if SYNTHETIC_COHORT:
         files += [truth_path(p.fixed_subject) for p in pairs if p.intra_patient]
     return files

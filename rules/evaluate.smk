@@ -2,6 +2,7 @@
 
 
 rule tables:
+    localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         cohort="results/cohort/subjects.tsv",
         metrics=registration_results("metrics"),

@@ -21,3 +21,24 @@ rule preprocess:
         "../envs/imaging.yaml"
     script:
         "../scripts/preprocess.py"
+
+
+# The preprocessed images of an inter-patient protocol in one table: the single image input of
+# that protocol's chunk jobs (see INTER_PATIENT_PROTOCOLS in common.smk), so that planning stays
+# O(chunks + subjects) for the cohort protocol's tens of thousands of pairs.
+rule image_index:
+    input:
+        image_index_inputs,
+    output:
+        "results/preprocessed/{protocol}_images.tsv",
+    params:
+        rows=image_index_rows,
+    log:
+        "results/logs/image_index/{protocol}.log",
+    benchmark:
+        "results/benchmarks/image_index/{protocol}.tsv"
+    localrule: True
+    conda:
+        "../envs/imaging.yaml"
+    script:
+        "../scripts/image_index.py"

@@ -5,6 +5,7 @@
 
 
 rule report_overlay:
+    localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         unpack(report_pair_inputs),
     output:
@@ -29,6 +30,7 @@ rule report_overlay:
 
 
 rule report_jacobian:
+    localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         unpack(report_pair_inputs),
     output:
@@ -53,6 +55,7 @@ rule report_jacobian:
 
 
 rule report_boxplots:
+    localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         pairs="results/tables/pairs.tsv",
         landmarks="results/tables/landmarks.tsv",
@@ -75,6 +78,7 @@ rule report_boxplots:
 
 
 rule report_tables:
+    localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         **report_tables(),
     output:

@@ -23,8 +23,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 RECOVERY_HINT = (
-    "if it is an intermediate file under results/, delete it or rerun the rule that "
-    "wrote it with --forcerun"
+    "if it is an intermediate file under results/, delete it (Snakemake then rebuilds it) or "
+    "rerun the job that wrote it, and what depends on it, with: snakemake ... --forcerun {path}"
 )
 
 
@@ -40,8 +40,9 @@ class InputError(ValueError):
 class CorruptFileError(RuntimeError):
     """A file the workflow wrote earlier cannot be read back."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"{path}: cannot be read ({reason}); {RECOVERY_HINT}")
+    def __init__(self, path: str | os.PathLike, reason: str, hint: str | None = None):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: cannot be read ({reason}); {hint or RECOVERY_HINT.format(path=path)}")
 
 
 def _split_suffix(path: Path) -> tuple[str, str]:
@@ -100,7 +101,11 @@ def read_image(path: str | os.PathLike, subject: str | None = None) -> sitk.Imag
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
             return reader.Execute()
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
+        problem = nifti_problem(path)  # ITK reads a truncated NIfTI silently
+        if problem:
+            raise InputError(subject, path, f"unreadable image ({problem})")
+        return image
     except InputError:
         raise
     except RuntimeError as error:
@@ -108,12 +113,56 @@ def read_image(path: str | os.PathLike, subject: str | None = None) -> sitk.Imag
         raise InputError(subject, path, f"unreadable image ({first_line})") from None
 
 
+def nifti_problem(path: str | os.PathLike) -> str | None:
+    """Why a .nii / .nii.gz file is incomplete, or None.
+
+    ITK reads a truncated NIfTI without complaint (the missing voxels come back as zeros), so
+    the gzip stream (end marker, CRC) and the voxel data's length against the header are checked.
+    """
+    import gzip
+    import zlib
+
+    name = str(path)
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        with (gzip.open if name.endswith(".gz") else open)(path, "rb") as stream:
+            header = stream.read(540)
+            size = len(header)
+            while chunk := stream.read(1 << 22):
+                size += len(chunk)
+    except (EOFError, OSError, zlib.error) as error:
+        return f"truncated or damaged compressed data: {error}"
+    for order in "<>":
+        version = int(np.frombuffer(header[:4], f"{order}i4")[0]) if len(header) >= 4 else 0
+        if version == 348 and len(header) >= 348:  # NIfTI-1
+            dims = np.frombuffer(header[40:56], f"{order}i2").astype(np.int64)
+            bitpix = int(np.frombuffer(header[72:74], f"{order}i2")[0])
+            offset = int(np.frombuffer(header[108:112], f"{order}f4")[0])
+            break
+        if version == 540 and len(header) >= 540:  # NIfTI-2
+            dims = np.frombuffer(header[16:80], f"{order}i8")
+            bitpix = int(np.frombuffer(header[14:16], f"{order}i2")[0])
+            offset = int(np.frombuffer(header[168:176], f"{order}i8")[0])
+            break
+    else:
+        return "no NIfTI header"
+    expected = offset + int(np.prod(dims[1 : 1 + int(dims[0])])) * bitpix // 8
+    if size < expected:
+        return f"truncated: {size} bytes of voxel data and header, the header announces {expected}"
+    return None
+
+
 def read_intermediate_image(path: str | os.PathLike) -> sitk.Image:
     """Read an image the workflow wrote; a truncated or corrupt file gets a recovery hint."""
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise CorruptFileError(path, str(error).strip().splitlines()[-1]) from None
+    problem = nifti_problem(path)
+    if problem:
+        raise CorruptFileError(path, problem)
+    return image
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> None:

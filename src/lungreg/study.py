@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 PHASES = ("inhale", "exhale")
 PROTOCOLS = ("inhale_exhale", "all_combinations", "cohort")
+NETWORK_METHODS = ("proposed", "proposed_without_affine")  # the network variants (method names)
 TOO_SMALL_SPLIT = "train_and_validation"
 
 

@@ -24,7 +24,7 @@ import torch
 from . import io
 from .losses import LossSettings, registration_loss
 from .metrics import dice
-from .model import ModelSettings, RegistrationNet
+from .model import Acceleration, ModelSettings, RegistrationNet
 from .transform import warp
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,16 @@ class TrainSettings:
     checkpoint_every: int = 1
     seed: int = 2018
     device: str = "auto"  # auto: cuda when present, else cpu
-    bf16: bool = False  # bf16 autocast, CUDA only
+    # How the network runs (lungreg.model.Acceleration); only bf16 changes the numbers enough
+    # to make a checkpoint belong to other settings.
+    bf16: bool = False  # bf16 autocast of the convolutions (CUDA, or CPU)
+    channels_last: bool = False  # channels_last_3d weights and inputs
+    cudnn_benchmark: bool = False  # cuDNN autotuning (CUDA only)
+    compile: bool | str = False  # torch.compile the forward pass (true or a mode name)
+
+    @property
+    def acceleration(self) -> Acceleration:
+        return Acceleration.from_config(asdict(self))
 
     @classmethod
     def from_config(cls, section: dict) -> "TrainSettings":
@@ -165,21 +174,48 @@ class TrainingState:
         self.rows = self.rows or []
 
 
+def _rng_states() -> dict:
+    """Every global random generator (the epoch order has its own seeded one; this keeps a resumed
+    run exact should anything in training draw from the global ones)."""
+    import random
+
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    import random
+
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def _save_checkpoint(path, model, optimizer, scheduler, state: TrainingState, key: str) -> None:
     io.save_torch({"fingerprint": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "state": asdict(state)}, path)
+                   "scheduler": scheduler.state_dict(), "state": asdict(state), "rng": _rng_states()}, path)
 
 
 def _resume(path: Path | None, key: str, model, optimizer, scheduler) -> TrainingState:
     if path is None or not Path(path).exists():
         return TrainingState()
-    checkpoint = io.load_torch(path)
+    try:
+        checkpoint = io.load_torch(path)
+    except io.CorruptFileError as error:  # not an output: snakemake --forcerun would read it again
+        raise io.CorruptFileError(path, error.reason, "it is the resume point of an interrupted training; "
+                                  "delete it to train from epoch 1") from None
     if checkpoint.get("fingerprint") != key:
         log.warning("checkpoint %s belongs to other settings or data; starting over", path)
         return TrainingState()
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
+    if "rng" in checkpoint:
+        _set_rng_states(checkpoint["rng"])
     state = TrainingState(**checkpoint["state"])
     log.info("resuming from %s after epoch %d", path, state.epoch)
     return state
@@ -195,17 +231,19 @@ def train(train_pairs: list[PairFiles], val_pairs: list[PairFiles], model_settin
     """
     device = choose_device(settings.device)
     torch.manual_seed(settings.seed)
-    model = RegistrationNet(model_settings).to(device)
+    model = RegistrationNet(model_settings)
+    acceleration = settings.acceleration
+    forward = acceleration.prepare(model, device)  # the compiled module, or model itself
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=settings.plateau_factor, patience=settings.plateau_patience)
-    resumable = {k: v for k, v in asdict(settings).items() if k not in ("epochs", "checkpoint_every", "device")}
+    resumable = {k: v for k, v in asdict(settings).items()
+                 if k not in ("epochs", "checkpoint_every", "device", "channels_last", "cudnn_benchmark", "compile")}
     key = fingerprint(model_settings.as_dict(), asdict(loss_settings), resumable,
                       [asdict(p) for p in train_pairs], [asdict(p) for p in val_pairs])
     state = _resume(checkpoint_path, key, model, optimizer, scheduler)
     train_data, val_data = PairSet(train_pairs), PairSet(val_pairs)
     log.info("training on %d pairs, validating on %d, device %s", len(train_data), len(val_data), device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=settings.bf16 and device.type == "cuda")
     model.train()
     for epoch in range(state.epoch + 1, settings.epochs + 1):
         if state.epochs_without_improvement >= settings.early_stopping_patience:
@@ -216,8 +254,9 @@ def train(train_pairs: list[PairFiles], val_pairs: list[PairFiles], model_settin
         sums = {"loss": 0.0, "similarity": 0.0, "regularizer": 0.0}
         for number, index in enumerate(batches, start=1):
             moving, fixed, _, fixed_mask = train_data.batch(index, device)
-            with autocast:
-                out = model(moving, fixed)
+            moving, fixed = acceleration.inputs(moving, fixed)
+            with acceleration.autocast(device):
+                out = forward(moving, fixed)
             losses = registration_loss(loss_settings, fixed, out.warped.float(), out.theta, out.gradients.float(), fixed_mask)
             check_finite(losses, epoch, number)
             optimizer.zero_grad(set_to_none=True)
@@ -243,7 +282,7 @@ def train(train_pairs: list[PairFiles], val_pairs: list[PairFiles], model_settin
                  state.rows[-1]["train_loss"], scores["val_loss"], scores["val_dice"], scores["val_dice_unregistered"])
         if checkpoint_path and (epoch % settings.checkpoint_every == 0 or epoch == settings.epochs):
             _save_checkpoint(checkpoint_path, model, optimizer, scheduler, state, key)
-    best = {k: v.cpu() for k, v in (state.best_state or model.state_dict()).items()}
+    best = {k: v.cpu().contiguous() for k, v in (state.best_state or model.state_dict()).items()}
     checkpoint = {"state_dict": best, "model_settings": model_settings.as_dict(), "best_epoch": state.best_epoch,
                   "best_val_loss": state.best_loss, "fingerprint": key, **(extra or {})}
     return checkpoint, pd.DataFrame(state.rows)
