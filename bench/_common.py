@@ -135,3 +135,8 @@ def markdown(path: str | Path, columns: list[str] | None = None) -> str:
 if __name__ == "__main__":
     for name in sys.argv[1:]:
         print(markdown(name if Path(name).exists() else RESULTS / name), end="\n\n")
+
+
+def files_under(folder: Path) -> int:
+    """Files below `folder` (0 when it does not exist): what a run wrote."""
+    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0

@@ -39,7 +39,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, RESULTS, load_average, machine, write_results  # noqa: E402
+from _common import REPO, RESULTS, files_under, load_average, machine, write_results  # noqa: E402
 
 WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "config", "envs", "report", "profiles")
 
@@ -89,10 +89,6 @@ def job_counts(output: str) -> dict[str, int]:
         elif inside and counts and not line.strip():
             break
     return counts
-
-
-def files_under(folder: Path) -> int:
-    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
 def main() -> None:

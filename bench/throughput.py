@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, load_average, machine, write_results  # noqa: E402
+from _common import REPO, files_under, load_average, machine, write_results  # noqa: E402
 
 NETWORK_VARIANTS = {
     "w0.25": {"width": 0.25},
@@ -80,10 +80,6 @@ def network_model(path: Path, variant: str) -> Path:
         torch.nn.init.normal_(parameter, std=0.02)
     io.save_torch({"state_dict": net.state_dict(), "model_settings": settings.as_dict()}, path)
     return path
-
-
-def files_in(folder: Path) -> int:
-    return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
 def main() -> None:
@@ -133,7 +129,7 @@ def main() -> None:
             began = time.perf_counter()
             metrics = run_chunk(registrar, pairs, layout, "cohort", outputs, save_fields=save)
             wall = time.perf_counter() - began
-            written = files_in(folder)
+            written = files_under(folder)
             if save == "none" and written:
                 raise AssertionError(f"save_fields none wrote {written} files under {folder}")
             rows.append({"method": "proposed" if kind == "network" else name,
