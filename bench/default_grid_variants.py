@@ -1,7 +1,7 @@
 """Forward (batch 2, no grad) and training-step time of the network variants at the default
 grid 24x48x48, 2 threads: `python bench/default_grid_variants.py` (prints one line per variant)."""
 import time, torch, sys
-from lungreg.model import ModelSettings, RegistrationNet
+from lungreg.network.model import ModelSettings, RegistrationNet
 torch.set_num_threads(2)
 shape=(24,48,48)
 for kw in [dict(width=1.0), dict(width=1.0, feature_reduction=32, deformable_stride=2), dict(width=0.25), dict(width=0.25, feature_reduction=16, deformable_stride=2), dict(width=0.5, feature_reduction=32, deformable_stride=2)]:

@@ -19,7 +19,7 @@ configuration - 4 GB, at most 16 GB: the machine is shared) is recorded as skipp
 prediction instead of being run.
 
 The untrained network is used (its last layers are zero): the cost of a call does not depend on
-the weights. CPU rows use fp32 unless `precision` says bf16 (CPU autocast, lungreg.model.Acceleration).
+the weights. CPU rows use fp32 unless `precision` says bf16 (CPU autocast, lungreg.network.model.Acceleration).
 With a GPU, CUDA rows are measured (cudnn_benchmark on) in fp32 and bf16.
 """
 
@@ -62,8 +62,8 @@ def child(config: dict) -> dict:
     """One configuration, measured in this process."""
     import torch
 
-    from lungreg.losses import LossSettings, registration_loss
-    from lungreg.model import Acceleration, ModelSettings, RegistrationNet
+    from lungreg.network.losses import LossSettings, registration_loss
+    from lungreg.network.model import Acceleration, ModelSettings, RegistrationNet
 
     torch.set_num_threads(config["threads"])
     device = torch.device(config["device"])
@@ -148,7 +148,7 @@ def memory_limit_now(args) -> float:
 
 
 def parameters(variant: str) -> int:
-    from lungreg.model import ModelSettings, RegistrationNet
+    from lungreg.network.model import ModelSettings, RegistrationNet
 
     return sum(p.numel() for p in RegistrationNet(ModelSettings(**VARIANTS[variant])).parameters())
 

@@ -13,7 +13,7 @@ scratch folder, as a user's clone has it, and planned with
 
 where override.yaml sets synthetic.n_subjects, inference.protocols [inhale_exhale,
 all_combinations, cohort], inference.chunks.cohort and inference.save_fields none. The synthetic
-cohort's subject list comes from the config (lungreg.cohort.subject_table draws ids and labels
+cohort's subject list comes from the config (lungreg.synthetic.settings.subject_table draws ids and labels
 only), so planning generates nothing: files_created counts what the dry run left under results/
 (must be 0). jobs and register_network_jobs come from Snakemake's job-stats table: the job count
 must grow with the chunks, never with the pairs. save_fields none declares no per-pair output:

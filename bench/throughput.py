@@ -6,7 +6,7 @@
 The cohort is the default study's (config/config.yaml: synthetic, preprocess), synthesised and
 preprocessed once into --workdir (kept, so reruns skip it). Pairs: the `cohort` protocol, every
 subject's inhale onto every subject's exhale (N x N). Every method registers the same pairs in the
-same process, on the same CPU threads, through lungreg.registration.run_chunk, which also scores
+same process, on the same CPU threads, through lungreg.registration.chunk.run_chunk, which also scores
 each pair (Dice, landmarks, Jacobian) and writes what save_fields asks for:
 
 * pairs_per_s: pairs / wall time of the whole chunk, file reading, scoring and writing included;
@@ -47,7 +47,8 @@ def prepare_cohort(workdir: Path, n_subjects: int, config: dict):
     """Synthesise and preprocess the cohort (skipped when already there); returns (layout, pairs)."""
     import pandas as pd
 
-    from lungreg.cohort import SyntheticCohortSettings, synthesize_subject
+    from lungreg.synthetic.render import synthesize_subject
+    from lungreg.synthetic.settings import SyntheticCohortSettings
     from lungreg.preprocess import PreprocessSettings, preprocess_subject
     from lungreg.study import PreprocessedLayout, protocol_pairs
 
@@ -70,15 +71,15 @@ def prepare_cohort(workdir: Path, n_subjects: int, config: dict):
 def network_model(path: Path, variant: str) -> Path:
     import torch
 
-    from lungreg import io
-    from lungreg.model import ModelSettings, RegistrationNet
+    from lungreg import torch_io
+    from lungreg.network.model import ModelSettings, RegistrationNet
 
     settings = ModelSettings(**NETWORK_VARIANTS[variant])
     torch.manual_seed(0)
     net = RegistrationNet(settings)
     for parameter in (net.deformable.head.weight, net.deformable.head.bias):
         torch.nn.init.normal_(parameter, std=0.02)
-    io.save_torch({"state_dict": net.state_dict(), "model_settings": settings.as_dict()}, path)
+    torch_io.save_torch({"state_dict": net.state_dict(), "model_settings": settings.as_dict()}, path)
     return path
 
 
@@ -101,7 +102,8 @@ def main() -> None:
     import torch
     import yaml
 
-    from lungreg.registration import ChunkOutputs, NetworkRegistrar, build_registrar, run_chunk
+    from lungreg.registration.chunk import ChunkOutputs, build_registrar, run_chunk
+    from lungreg.registration.network import NetworkRegistrar
 
     torch.set_num_threads(threads)
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())

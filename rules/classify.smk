@@ -82,7 +82,7 @@ rule classify_sklearn:
     benchmark:
         "results/benchmarks/classify/{classifier}_fold-{fold}.tsv"
     wildcard_constraints:
-        classifier=alternatives(classify.SKLEARN_CLASSIFIERS),
+        classifier=alternatives(study.REGIONAL_CLASSIFIERS),
         fold=r"\d+",
     threads: 1
     conda:

@@ -9,11 +9,10 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
-from lungreg import classify
-from lungreg import cohort as synthetic
 from lungreg import manifest, study
 from lungreg.io import InputError
-from lungreg.study import NETWORK_METHODS  # not lungreg.registration: planning need not import torch
+from lungreg.study import NETWORK_METHODS
+from lungreg.synthetic.settings import SyntheticCohortSettings, subject_table
 
 # Jobs import the library from this checkout, also inside --sdm conda environments. (Set with
 # update(): `snakemake --lint` takes an item assignment for a variable the user must define.)
@@ -45,7 +44,7 @@ def load_cohort():
         except InputError as error:
             raise WorkflowError(f"bad input: {error}") from None
     else:
-        frame = synthetic.subject_table(synthetic.SyntheticCohortSettings.from_config(config["synthetic"]))
+        frame = subject_table(SyntheticCohortSettings.from_config(config["synthetic"]))
         for item in SYNTHETIC_IMAGES:
             frame[item] = [synthetic_path(s, item) for s in frame["subject"]]
     split = config["split"]
@@ -219,8 +218,7 @@ CLASSIFY = config.get("classify", {})
 CLASSIFY_METHOD = CLASSIFY.get("method", "proposed")
 CLASSIFY_FOLDS = int(CLASSIFY.get("folds", 5))
 CLASSIFY_CLASSIFIERS = list(CLASSIFY.get("classifiers", ["cnn", "logistic"]))
-CLASSIFY_SKLEARN = [c for c in CLASSIFY_CLASSIFIERS if c in classify.SKLEARN_CLASSIFIERS]
-CLASSIFY_LABELLED = classify.labelled_subjects(COHORT)
+CLASSIFY_LABELLED = study.labelled_subjects(COHORT)
 
 
 def classification_skip_reason():
@@ -229,7 +227,7 @@ def classification_skip_reason():
         return "disabled (classify: enabled: false)"
     if config["inference"].get("save_fields", "intra_patient") == "none":
         return "inference: save_fields is none, so no inhale-exhale field is written"
-    problem = classify.feasibility(COHORT, CLASSIFY_FOLDS)
+    problem = study.feasibility(COHORT, CLASSIFY_FOLDS)
     return f"skipped: {problem}" if problem else None
 
 

@@ -1,6 +1,6 @@
 """Gather the labelled subjects' inhale-exhale fields (CNN input) and their regional statistics."""
 
-from lungreg.classify import build_features
+from lungreg.classify.features import build_features
 from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):

@@ -1,7 +1,8 @@
 """Train one classifier on the other folds and predict this fold."""
 
-from lungreg.classify import run_fold
-from lungreg.workflow import log_to, set_threads
+from lungreg.classify.crossval import run_fold
+from lungreg.network.device import set_threads
+from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):
     set_threads(snakemake.threads)

@@ -1,6 +1,6 @@
 """Assign the labelled subjects to stratified, seeded cross-validation folds."""
 
-from lungreg.classify import write_folds
+from lungreg.classify.folds import write_folds
 from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):

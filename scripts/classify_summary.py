@@ -1,6 +1,6 @@
 """Summarise the out-of-fold predictions: classification table, pooled predictions, ROC figure."""
 
-from lungreg.classify import summarize
+from lungreg.classify.summary import summarize
 from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):

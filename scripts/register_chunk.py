@@ -1,7 +1,8 @@
 """Register, score and write one chunk of pairs with one method."""
 
-from lungreg.registration import register_chunk_job
-from lungreg.workflow import log_to, set_threads
+from lungreg.network.device import set_threads
+from lungreg.registration.chunk import register_chunk_job
+from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):
     set_threads(snakemake.threads)

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from lungreg.cohort import SyntheticCohortSettings, synthesize_subject
+from lungreg.synthetic.render import synthesize_subject
+from lungreg.synthetic.settings import SyntheticCohortSettings
 from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):

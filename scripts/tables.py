@@ -1,6 +1,6 @@
 """Gather every method's per-pair rows into the summary tables."""
 
-from lungreg.evaluate import build_tables
+from lungreg.tables import build_tables
 from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):

@@ -1,7 +1,8 @@
 """Train the registration network; resumes from its checkpoint when one matches."""
 
-from lungreg.train import run_training
-from lungreg.workflow import log_to, set_threads
+from lungreg.network.device import set_threads
+from lungreg.network.train import run_training
+from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):
     set_threads(snakemake.threads)

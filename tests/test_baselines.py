@@ -14,13 +14,16 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from lungreg import baselines, metrics
-from lungreg.baselines import RegistrationError, build_baseline, sitk_affine
+from lungreg import metrics
 from lungreg.evaluate import Phase, evaluate_pair
 from lungreg.geometry import Grid, image_from_array
-from lungreg.registration import LoadedPair
-from lungreg.study import Pair
-from lungreg.transform import displacement_transform, identity_displacement
+from lungreg.network.transform import displacement_transform, identity_displacement
+from lungreg.registration.base import LoadedPair
+from lungreg.registration.baselines import common
+from lungreg.registration.baselines.common import RegistrationError
+from lungreg.registration.baselines.registrar import build_baseline, resolve_options
+from lungreg.registration.baselines.sitk import sitk_affine
+from lungreg.study import BASELINE_METHODS, Pair
 
 SITK_METHODS = ("sitk_bspline", "sitk_demons")
 
@@ -81,7 +84,7 @@ def loaded_pair(fixed: Phase, moving: Phase, name: str = "s01") -> LoadedPair:
 
 
 def test_options_are_checked_and_every_method_builds():
-    for method in baselines.METHODS:
+    for method in BASELINE_METHODS:
         registrar = build_baseline(method, {}, threads=1)
         assert (registrar.name, registrar.device, registrar.threads, registrar.batch_size) == (method, "cpu", 1, 1)
     with pytest.raises(ValueError, match="unknown option"):
@@ -97,27 +100,27 @@ def test_the_workflow_config_options_are_accepted():
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
     workflow_keys = {"enabled", "protocols", "chunks"}
     for method, section in config["baselines"].items():
-        baselines.resolve_options(method, {k: v for k, v in section.items() if k not in workflow_keys})
+        resolve_options(method, {k: v for k, v in section.items() if k not in workflow_keys})
 
 
 def test_pyramid_keeps_enough_voxels_at_the_coarsest_level():
     # the default study's cropped lungs (~ 36 x 24 x 22 voxels): too small to shrink
-    assert baselines.pyramid_schedule((36, 24, 22), (8.3, 8.3, 12.5), 5000) == ([1], [0.0])
-    factors, sigmas = baselines.pyramid_schedule((150, 110, 55), (2.1, 2.1, 4.7), 200_000)
+    assert common.pyramid_schedule((36, 24, 22), (8.3, 8.3, 12.5), 5000) == ([1], [0.0])
+    factors, sigmas = common.pyramid_schedule((150, 110, 55), (2.1, 2.1, 4.7), 200_000)
     assert factors == [4, 2, 1] and sigmas == pytest.approx([4.2, 2.1, 0.0])
     for factor in factors:
         assert min(np.asarray((150, 110, 55)) // factor) >= 12 and 200_000 / factor ** 3 >= 1000
     # few mask voxels limit the pyramid even when the box is large
-    assert baselines.pyramid_schedule((150, 110, 55), (2.1, 2.1, 4.7), 3000)[0] == [1]
+    assert common.pyramid_schedule((150, 110, 55), (2.1, 2.1, 4.7), 3000)[0] == [1]
 
 
 def test_itk_threads_are_set_and_restored(monkeypatch):
-    monkeypatch.setenv(baselines.ITK_THREADS_ENV, "7")
+    monkeypatch.setenv(common.ITK_THREADS_ENV, "7")
     before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    with baselines.itk_threads(1):
-        assert os.environ[baselines.ITK_THREADS_ENV] == "1"
+    with common.itk_threads(1):
+        assert os.environ[common.ITK_THREADS_ENV] == "1"
         assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
-    assert os.environ[baselines.ITK_THREADS_ENV] == "7"
+    assert os.environ[common.ITK_THREADS_ENV] == "7"
     assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
 
 
@@ -185,7 +188,7 @@ def test_masked_registration_does_not_depend_on_the_image_extent():
     for grid in (small, large):
         fixed, mask = _box_scene(grid)
         moving, _ = _box_scene(grid, shift)
-        crop, _ = baselines.crop_to_mask(fixed, baselines.dilate_mask(baselines.mask_image(mask, fixed), 4.0), 6.0)
+        crop, _ = common.crop_to_mask(fixed, common.dilate_mask(common.mask_image(mask, fixed), 4.0), 6.0)
         crops.append(crop)
         affine, notes = sitk_affine(fixed, moving, mask, options, f"extent {grid.size}")
         assert notes["linear_flag"] == "ok", notes
@@ -231,10 +234,10 @@ def test_zero_iteration_runs_are_flagged():
     assert "rigid:zero_iterations" in notes["linear_flag"] and "affine:zero_iterations" in notes["linear_flag"]
     result = build_baseline("sitk_demons", {"demons_iterations": [0]}, 1).register([loaded_pair(fixed, moving)])[0]
     assert "deformable:zero_iterations" in result.notes["flag"]
-    assert baselines.assess_stage("GradientDescentOptimizerv4Template: Gradient magnitude tolerance met", 1, 1, True) \
+    assert common.assess_stage("GradientDescentOptimizerv4Template: Gradient magnitude tolerance met", 1, 1, True) \
         == "zero_gradient"
-    assert baselines.assess_stage("LBFGSBOptimizerv4: Function tolerance reached", 12, 12, True, 0.5, 0.2) == "ok"
-    assert baselines.assess_stage("x: Maximum number of iterations (100) exceeded", 100, 100, True, 0.2, 0.5) \
+    assert common.assess_stage("LBFGSBOptimizerv4: Function tolerance reached", 12, 12, True, 0.5, 0.2) == "ok"
+    assert common.assess_stage("x: Maximum number of iterations (100) exceeded", 100, 100, True, 0.2, 0.5) \
         == "metric_worse"
 
 

@@ -15,15 +15,11 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from lungreg import cohort
-from lungreg.cohort import (
-    LANDMARK_NAMES,
-    OUTPUT_FILES,
-    SyntheticCohortSettings,
-    calibration_accuracy,
-    subject_table,
-    synthesize_subject,
-)
+from lungreg.synthetic import anatomy
+from lungreg.synthetic.anatomy import LANDMARK_NAMES
+from lungreg.synthetic.calibration import calibration_accuracy
+from lungreg.synthetic.render import OUTPUT_FILES, synthesize_subject
+from lungreg.synthetic.settings import SyntheticCohortSettings, subject_table
 from lungreg.geometry import Grid
 from lungreg.io import read_landmarks
 
@@ -199,7 +195,7 @@ def test_inverse_field_has_a_tiny_residual_inside_the_lung(small_cohort):
         field = _array(folder / "gt_displacement_fixed-inhale.nii.gz").reshape(-1, 3).astype(float)
         lung = _array(folder / "inhale_mask.nii.gz").reshape(-1).astype(bool)
         y = grid.voxel_centres().reshape(-1, 3)
-        model, _ = cohort._build_model(settings, subject)
+        model, _ = anatomy.build_model(settings, subject)
         residual = np.linalg.norm(model.phi(y + field)[0] - y, axis=1)
         recorded = json.loads((folder / "parameters.json").read_text())["inverse_residual_mm"]
         log.info("%s inverse residual |phi(x) - y|: lung mean %.2g max %.2g mm; whole FOV mean %.2g max %.2g mm, "
@@ -276,8 +272,8 @@ def test_the_label_changes_only_motion_parameters_and_nothing_at_effect_zero():
     settings = SyntheticCohortSettings()
     motion_keys = {"basal_strain", "peripheral_reduction", "lateral_expansion", "ap_expansion", "heterogeneity_mm"}
     for effect in (settings.effect_size, 0.0):
-        drawn = [cohort._draw_parameters(dataclasses.replace(settings, effect_size=effect),
-                                         cohort._streams(settings, 4)[0], ild=ild) for ild in (False, True)]
+        drawn = [anatomy._draw_parameters(dataclasses.replace(settings, effect_size=effect),
+                                         anatomy._streams(settings, 4)[0], ild=ild) for ild in (False, True)]
         differing = {k for k in drawn[0] if drawn[0][k] != drawn[1][k]} - {"label"}
         assert differing == (motion_keys if effect else set())
 
@@ -288,8 +284,8 @@ def test_inhale_image_does_not_depend_on_the_label():
     points = settings.grid.voxel_centres().reshape(-1, 3).astype(np.float32)
     images = []
     for ild in (False, True):
-        streams = cohort._streams(settings, 1)
-        model = cohort._Model(settings, cohort._draw_parameters(settings, streams[0], ild=ild), streams[1])
+        streams = anatomy._streams(settings, 1)
+        model = anatomy.SubjectModel(settings, anatomy._draw_parameters(settings, streams[0], ild=ild), streams[1])
         images.append(model.render(model.pose_inhale.invert(points)))
     assert np.array_equal(images[0], images[1])
 

@@ -9,11 +9,13 @@ import SimpleITK as sitk
 import torch
 
 from lungreg import io, metrics
-from lungreg.evaluate import Phase, evaluate_pair, summary_tables
+from lungreg.evaluate import Phase, evaluate_pair
 from lungreg.geometry import Grid, image_from_array
-from lungreg.registration import IdentityRegistrar, LoadedPair, NetworkRegistrar
-from lungreg.model import ModelSettings, RegistrationNet
+from lungreg.network.model import ModelSettings, RegistrationNet
+from lungreg.registration.base import IdentityRegistrar, LoadedPair
+from lungreg.registration.network import NetworkRegistrar
 from lungreg.study import Pair
+from lungreg.tables import summary_tables
 
 ANISOTROPIC = Grid(size=(10, 8, 6), spacing=(1.0, 2.0, 4.0), origin=(5.0, -3.0, 10.0), direction=tuple(np.eye(3).ravel()))
 

@@ -33,7 +33,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from lungreg import io
+from lungreg import io, torch_io
 from lungreg.evaluate import TIMING_COLUMNS
 from workflow_runner import REPO, TINY, copy_workflow, job_counts, snakemake
 
@@ -93,7 +93,7 @@ def assert_same_tables(workdir: Path, reference: Path, paths: list[str]) -> None
 
 
 def assert_same_model(path: Path, reference: Path) -> None:
-    ours, theirs = io.load_torch(path), io.load_torch(reference)
+    ours, theirs = torch_io.load_torch(path), torch_io.load_torch(reference)
     assert ours["state_dict"].keys() == theirs["state_dict"].keys()
     differing = [k for k in theirs["state_dict"] if not bool((ours["state_dict"][k] == theirs["state_dict"][k]).all())]
     assert not differing, f"weights differ from the reference run in {differing}"
@@ -200,7 +200,7 @@ def test_training_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted
     run.kill()
     assert not (model_folder / "model.pt").exists(), "killed too late: the training had already finished"
     assert "results/model/proposed/model.pt" in incomplete_outputs(workdir)
-    saved = io.load_torch(checkpoint)
+    saved = torch_io.load_torch(checkpoint)
     for key in ("model", "optimizer", "scheduler", "state", "rng"):
         assert key in saved, f"the checkpoint lacks the {key} state"
     assert saved["state"]["epoch"] >= 1
@@ -389,7 +389,7 @@ def test_a_writer_failing_halfway_leaves_the_previous_file_and_no_temporary(tmp_
         write = lambda: io.write_table(pd.DataFrame({"x": np.arange(1000.0)}), target)  # noqa: E731
     elif writer == "torch":
         monkeypatch.setattr(torch, "save", lambda obj, path, *a, **k: _half_then_fail(path))
-        write = lambda: io.save_torch({"x": torch.zeros(3)}, target)  # noqa: E731
+        write = lambda: torch_io.save_torch({"x": torch.zeros(3)}, target)  # noqa: E731
     elif writer == "figure":
         monkeypatch.setattr(plt.Figure, "savefig", lambda self, path, *a, **k: _half_then_fail(path))
         write = lambda: plots.save_figure(plt.figure(), target)  # noqa: E731

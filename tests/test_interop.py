@@ -27,10 +27,10 @@ import torch
 
 ants = pytest.importorskip("ants", reason="ANTsPy (antspyx) is not installed")
 
-from lungreg import io  # noqa: E402
+from lungreg import torch_io  # noqa: E402
 from lungreg.geometry import Grid  # noqa: E402
-from lungreg.model import load_model  # noqa: E402
-from lungreg.transform import affine_grid, displacement_image  # noqa: E402
+from lungreg.network.model import load_model  # noqa: E402
+from lungreg.network.transform import affine_grid, displacement_image  # noqa: E402
 
 pytestmark = pytest.mark.workflow  # the tiny study's files (the oblique-grid test needs none)
 
@@ -202,7 +202,7 @@ def test_affine_tfm_is_the_networks_linear_part(pair):
     normalised coordinates (align_corners=True: -1 and +1 are the first and last voxel centres),
     recomputed here from the model, converted to moving mm by hand."""
     fixed, moving = sitk.ReadImage(str(pair["fixed"])), sitk.ReadImage(str(pair["moving"]))
-    model = load_model(io.load_torch(pair["model"]), "cpu").eval()
+    model = load_model(torch_io.load_torch(pair["model"]), "cpu").eval()
     tensors = [torch.from_numpy(sitk.GetArrayFromImage(i).astype(np.float32))[None, None] for i in (moving, fixed)]
     with torch.no_grad():
         theta = model(*tensors).theta

@@ -1,4 +1,4 @@
-"""GPU-path options (lungreg.model.Acceleration, the registrar's prefetching pipeline) checked on CPU.
+"""GPU-path options (lungreg.network.model.Acceleration, the registrar's prefetching pipeline) checked on CPU.
 
 No GPU is needed: bf16 autocast, channels_last_3d and torch.compile take the same code path on
 CPU; cudnn_benchmark and the CUDA streams of the prefetching pipeline cannot run here (their
@@ -16,14 +16,16 @@ import pandas as pd
 import pytest
 import torch
 
-from lungreg import io, transform
+from lungreg import io, torch_io
 from lungreg.geometry import Grid, image_from_array
-from lungreg.losses import LossSettings
 from lungreg.metrics import dice
-from lungreg.model import Acceleration, ModelSettings, RegistrationNet
-from lungreg.registration import ChunkOutputs, NetworkRegistrar, run_chunk
+from lungreg.network import transform
+from lungreg.network.losses import LossSettings
+from lungreg.network.model import Acceleration, ModelSettings, RegistrationNet
+from lungreg.network.train import PairFiles, TrainSettings, train
+from lungreg.registration.chunk import ChunkOutputs, run_chunk
+from lungreg.registration.network import NetworkRegistrar
 from lungreg.study import Pair, PreprocessedLayout
-from lungreg.train import PairFiles, TrainSettings, train
 
 SHAPE = (12, 24, 24)  # z, y, x
 CPU = torch.device("cpu")
@@ -274,7 +276,7 @@ def preprocessed(tmp_path) -> PreprocessedLayout:
 def model_path(tmp_path) -> str:
     settings = ModelSettings(width=0.125)
     path = tmp_path / "model.pt"
-    io.save_torch({"state_dict": perturbed_network(0, settings).state_dict(), "model_settings": settings.as_dict()}, path)
+    torch_io.save_torch({"state_dict": perturbed_network(0, settings).state_dict(), "model_settings": settings.as_dict()}, path)
     return str(path)
 
 

@@ -7,11 +7,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from lungreg import io, losses
+from lungreg import io
 from lungreg.geometry import Grid, image_from_array
-from lungreg.losses import LossSettings
-from lungreg.model import ModelSettings, RegistrationNet
-from lungreg.train import PairFiles, TrainSettings, train
+from lungreg.network import losses
+from lungreg.network.losses import LossSettings
+from lungreg.network.model import ModelSettings, RegistrationNet
+from lungreg.network.train import PairFiles, TrainSettings, train
 
 SHAPE = (12, 20, 20)  # z, y, x
 GRID = Grid(size=SHAPE[::-1], spacing=(2.0, 2.0, 3.0), origin=(0.0, 0.0, 0.0), direction=tuple(np.eye(3).ravel()))

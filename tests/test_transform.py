@@ -7,9 +7,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from lungreg import metrics, transform
+from lungreg import metrics
 from lungreg.geometry import Grid, image_from_array
-from lungreg.model import ModelSettings, RegistrationNet, affine_from_output
+from lungreg.network import transform
+from lungreg.network.model import ModelSettings, RegistrationNet, affine_from_output
 
 
 def rotation_direction(degrees: float, axis: str = "z") -> tuple[float, ...]:

@@ -2,7 +2,7 @@
 
     lungreg register --model results/model/proposed/model.pt fixed.nii.gz moving.nii.gz --out DIR
 
-The outputs are the workflow's own pair files (`registration.write_pair_files`), so that what
+The outputs are the workflow's own pair files (`registration.chunk.write_pair_files`), so that what
 works on results/registration/.../<pair>/ works on DIR (tests/test_interop.py, tests/test_cli.py).
 """
 
@@ -89,12 +89,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_model_file(path: Path) -> dict:
-    from . import io
+    from . import io, torch_io
 
     if not path.is_file():
         raise CommandError(f"{path}: model file not found")
     try:
-        checkpoint = io.load_torch(path)
+        checkpoint = torch_io.load_torch(path)
     except io.CorruptFileError as error:
         raise CommandError(f"{path}: not a readable lungreg model ({error.reason})") from None
     if not isinstance(checkpoint, dict) or "model_settings" not in checkpoint:
@@ -188,9 +188,11 @@ def register_pair(model_path: Path, fixed_path: Path, moving_path: Path, out: Pa
         masks = {"moving": None if mask is None else resample_mask(mask, grid, settings.mask_interpolation)}
 
     from .evaluate import Phase  # torch and scikit-learn: imported after the checks
-    from .registration import LoadedPair, NetworkRegistrar, write_pair_files
+    from .network.transform import displacement_transform
+    from .registration.base import LoadedPair
+    from .registration.chunk import write_pair_files
+    from .registration.network import NetworkRegistrar
     from .study import Pair
-    from .transform import displacement_transform
 
     no_landmarks = _no_landmarks()
     phases = {role: Phase(prepared[role], np.zeros(grids[role].shape, bool), grids[role], no_landmarks)

@@ -1,4 +1,4 @@
-"""Reading and writing images, landmarks, tables and checkpoints.
+"""Reading and writing images, landmarks and tables (torch files: `torch_io`).
 
 Every writer here is atomic: it writes to a hidden temporary file in the destination
 folder and renames it into place, so a killed job never leaves a file under its final
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import io as _io
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -119,9 +121,6 @@ def nifti_problem(path: str | os.PathLike) -> str | None:
     ITK reads a truncated NIfTI without complaint (the missing voxels come back as zeros), so
     the gzip stream (end marker, CRC) and the voxel data's length against the header are checked.
     """
-    import gzip
-    import zlib
-
     name = str(path)
     if not name.endswith((".nii", ".nii.gz")):
         return None
@@ -260,25 +259,3 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         return pd.read_csv(path, sep="\t", keep_default_na=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise CorruptFileError(path, str(error)) from None
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_torch(obj: object, path: str | os.PathLike) -> None:
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def load_torch(path: str | os.PathLike, map_location: str = "cpu") -> dict:
-    import pickle
-    import zipfile
-
-    import torch
-
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
-        raise CorruptFileError(path, f"not a readable PyTorch checkpoint: {error}") from None

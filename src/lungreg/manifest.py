@@ -144,7 +144,7 @@ def _nonfinite_in_nifti(path: str | os.PathLike) -> tuple[int, int] | None:
     become 0, -inf an arbitrary finite number), so the image it returns cannot show them.
     """
     try:
-        import nibabel
+        import nibabel  # optional here: whatever fails, the check falls back to what SimpleITK read
 
         proxy = nibabel.load(str(path)).dataobj
         if not np.issubdtype(proxy.dtype, np.floating):

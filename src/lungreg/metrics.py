@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+from scipy.ndimage import map_coordinates
 
 from .geometry import Grid
 
@@ -21,8 +22,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def sample_displacement(displacement: np.ndarray, grid: Grid, points: np.ndarray) -> np.ndarray:
     """Displacement (n, 3) at physical `points`, trilinear, border-extended outside the grid."""
-    from scipy.ndimage import map_coordinates
-
     index = grid.world_to_index(np.asarray(points, float).reshape(-1, 3))
     coordinates = index[:, ::-1].T  # (z, y, x) array order
     return np.stack(

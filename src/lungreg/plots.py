@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # before pyplot: files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 from . import io  # noqa: E402
+from .geometry import Grid  # noqa: E402
+from .metrics import jacobian_determinant  # noqa: E402
+from .study import PROTOCOLS, evaluation_subjects, method_label, method_rank  # noqa: E402
 
 
 def save_figure(figure: plt.Figure, path: str | Path) -> None:
@@ -59,8 +66,6 @@ def _aspect(spacing_xyz, plane: str) -> float:
 def slice_indices(mask) -> dict[str, int]:
     """Slice of each plane with the largest area of `mask` (so that the sagittal slice cuts a lung,
     not the mediastinum between them); the middle of the volume when the mask is empty."""
-    import numpy as np
-
     mask = np.asarray(mask, bool)
     if not mask.any():
         return {plane: n // 2 for plane, n in zip(PLANES, mask.shape)}
@@ -70,8 +75,6 @@ def slice_indices(mask) -> dict[str, int]:
 
 def checkerboard(a, b, tiles: int = 6):
     """`a` and `b` in alternating square tiles (about `tiles` across the larger side)."""
-    import numpy as np
-
     side = max(1, max(a.shape) // tiles)
     rows, columns = np.indices(a.shape)
     return np.where(((rows // side) + (columns // side)) % 2 == 0, a, b)
@@ -83,8 +86,6 @@ def registration_overlay(fixed, moving, warped, spacing_xyz, path: str | Path, m
 
     Arrays (z, y, x) on one grid (a subject's two phases share the preprocessed grid), [0, 1].
     """
-    import numpy as np
-
     indices = slice_indices(fixed > 0 if mask is None else mask)
     fixed, moving, warped = (np.asarray(a, float) for a in (fixed, moving, warped))
     limit = max(1e-6, float(np.percentile(np.abs(np.concatenate([(fixed - moving).ravel(), (fixed - warped).ravel()])), 99.5)))
@@ -116,9 +117,6 @@ def registration_overlay(fixed, moving, warped, spacing_xyz, path: str | Path, m
 def jacobian_map(determinant, background, mask, spacing_xyz, path: str | Path, title: str = "") -> None:
     """det J of a field inside the fixed lung mask over the fixed image, a slice in each plane;
     blue: local compression (< 1), red: expansion (> 1), black contour: det J <= 0 (folding)."""
-    import numpy as np
-    from matplotlib.colors import TwoSlopeNorm
-
     mask = np.asarray(mask, bool)
     inside = determinant[mask] if mask.any() else np.asarray(determinant).ravel()
     spread = max(1e-3, float(np.percentile(np.abs(inside - 1.0), 99)))
@@ -142,17 +140,13 @@ def jacobian_map(determinant, background, mask, spacing_xyz, path: str | Path, t
 
 
 def _evaluated(pairs: pd.DataFrame, cohort: pd.DataFrame) -> pd.DataFrame:
-    """Pairs between evaluation subjects (as in `evaluate.summary_tables`)."""
-    evaluation = set(cohort.loc[cohort["split"] != "train", "subject"])
+    """Pairs between evaluation subjects (as in `tables.summary_tables`)."""
+    evaluation = set(evaluation_subjects(cohort))
     return pairs[pairs["moving_subject"].isin(evaluation) & pairs["fixed_subject"].isin(evaluation)]
 
 
 def _method_boxes(axis, groups: dict[str, "pd.Series"], ylabel: str, title: str) -> None:
     """A box per method with its points jittered on top (cohorts can be small)."""
-    import numpy as np
-
-    from .evaluate import METHOD_NAMES
-
     names = list(groups)
     axis.set(ylabel=ylabel, title=title)
     if not names:
@@ -163,20 +157,18 @@ def _method_boxes(axis, groups: dict[str, "pd.Series"], ylabel: str, title: str)
     jitter = np.random.default_rng(0)
     for position, points in enumerate(values, start=1):
         axis.plot(position + jitter.uniform(-0.15, 0.15, len(points)), points, ".", color="tab:blue", alpha=0.6, ms=4)
-    axis.set_xticks(range(1, len(names) + 1), [METHOD_NAMES.get(m, m) for m in names], rotation=25, ha="right", fontsize=8)
+    axis.set_xticks(range(1, len(names) + 1), [method_label(m) for m in names], rotation=25, ha="right", fontsize=8)
 
 
 def _ordered_methods(frame: pd.DataFrame) -> list[str]:
-    from .evaluate import METHOD_ORDER
-
     present = list(dict.fromkeys(frame["method"]))
-    return sorted(present, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
+    return sorted(present, key=method_rank)
 
 
 def dice_boxplot(pairs: pd.DataFrame, cohort: pd.DataFrame, path: str | Path) -> None:
     """Lung Dice (%) of the evaluation pairs, a box per method, one panel per protocol."""
     scored = _evaluated(pairs, cohort)
-    protocols = [p for p in ("inhale_exhale", "all_combinations", "cohort") if (scored["protocol"] == p).any()]
+    protocols = [p for p in PROTOCOLS if (scored["protocol"] == p).any()]
     figure, axes = plt.subplots(1, max(1, len(protocols)), figsize=(3.6 * max(1, len(protocols)), 3.6), squeeze=False,
                                 layout="constrained")
     for axis, protocol in zip(axes[0], protocols):
@@ -207,8 +199,6 @@ def landmark_boxplot(landmarks: pd.DataFrame, pairs: pd.DataFrame, cohort: pd.Da
 def overlay_figure(pair_folder: str | Path, fixed_image: str | Path, moving_image: str | Path,
                    fixed_mask: str | Path, path: str | Path, title: str = "") -> None:
     """The overlay of one registered pair from the workflow's files (pair folder: warped.nii.gz)."""
-    import SimpleITK as sitk
-
     images = {name: io.read_intermediate_image(p) for name, p in
               (("fixed", fixed_image), ("moving", moving_image), ("warped", Path(pair_folder) / "warped.nii.gz"),
                ("mask", fixed_mask))}
@@ -220,11 +210,6 @@ def overlay_figure(pair_folder: str | Path, fixed_image: str | Path, moving_imag
 def jacobian_figure(pair_folder: str | Path, fixed_image: str | Path, fixed_mask: str | Path,
                     path: str | Path, title: str = "") -> None:
     """The Jacobian determinant map of one pair's displacement field, inside the fixed lung."""
-    import SimpleITK as sitk
-
-    from .geometry import Grid
-    from .metrics import jacobian_determinant
-
     field = io.read_intermediate_image(Path(pair_folder) / "displacement.nii.gz")
     determinant = jacobian_determinant(sitk.GetArrayFromImage(field).astype(float), Grid.of(field))
     background = sitk.GetArrayFromImage(io.read_intermediate_image(fixed_image))
@@ -248,8 +233,6 @@ text-align:right;white-space:nowrap}th{background:#f0f0f0}div.scroll{overflow-x:
 
 def tables_page(tables: dict[str, str | Path], path: str | Path, max_rows: int = 200) -> None:
     """Every table in one self-contained HTML page (the report shows TSVs only as downloads)."""
-    import html
-
     sections = []
     for name, table_path in tables.items():
         frame = io.read_table(table_path)

@@ -23,6 +23,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from . import manifest
+from .config import settings_from
 from .geometry import Grid, common_grid, resample
 from .io import read_image, read_landmark_names, read_landmarks, write_image, write_text
 
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 PHASES = manifest.PHASES
 MASK_INTERPOLATIONS = ("nearest", "linear")
 REFERENCE_PHASES = ("exhale", "inhale")
-CONFIG_KEYS = ("intensity_range", "factor", "grid_shape", "mask_interpolation")
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,11 @@ class PreprocessSettings:
     reference_phase: str = "exhale"  # the fixed phase: its direction and spacing define the grid
 
     def __post_init__(self) -> None:
-        low, high = (float(v) for v in self.intensity_range)
-        shape = tuple(int(v) for v in self.grid_shape)
+        try:
+            low, high = (float(v) for v in self.intensity_range)
+            shape = tuple(int(v) for v in self.grid_shape)
+        except (TypeError, ValueError):
+            raise ValueError("preprocess.intensity_range must be [low, high] and grid_shape [z, y, x]") from None
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
             raise ValueError(f"preprocess.intensity_range must be [low, high] with low < high, got {self.intensity_range}")
         if not (math.isfinite(float(self.factor)) and float(self.factor) > 0):
@@ -62,19 +65,7 @@ class PreprocessSettings:
 
     @classmethod
     def from_config(cls, preprocess_section: Mapping, reference_phase: str) -> "PreprocessSettings":
-        unknown = set(preprocess_section) - set(CONFIG_KEYS)
-        if unknown:
-            raise ValueError(f"unknown key(s) in the preprocess section: {', '.join(sorted(unknown))}")
-        missing = [k for k in CONFIG_KEYS[:3] if k not in preprocess_section]
-        if missing:
-            raise ValueError(f"the preprocess section lacks: {', '.join(missing)}")
-        try:
-            low, high = preprocess_section["intensity_range"]
-            shape = tuple(preprocess_section["grid_shape"])
-        except (TypeError, ValueError):
-            raise ValueError("preprocess.intensity_range must be [low, high] and grid_shape [z, y, x]") from None
-        return cls((low, high), preprocess_section["factor"], shape,
-                   preprocess_section.get("mask_interpolation", "nearest"), reference_phase)
+        return settings_from(cls, preprocess_section, "preprocess", reference_phase=reference_phase)
 
 
 @dataclass(frozen=True)

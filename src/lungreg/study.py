@@ -1,7 +1,12 @@
-"""The study design: the split, the registration pairs of each protocol, and their chunks.
+"""The study design: the methods and classifiers, the split, the pairs of each protocol, their chunks.
 
 These functions are called both when Snakemake plans the workflow (rules/common.smk) and inside
-the jobs, so that the two always agree.
+the jobs, so that the two always agree. Nothing here imports torch: planning stays light.
+
+The registries (`METHODS`, `CLASSIFIERS`) are the one list of what the study compares: the rules
+build their wildcards from them, the tables and figures their names and order. A new method is a
+registrar (lungreg.registration) and one line in `METHODS`; a new classifier of the regional
+statistics is an estimator (lungreg.classify.tabular) and one line in `CLASSIFIERS`.
 """
 
 from __future__ import annotations
@@ -18,8 +23,66 @@ log = logging.getLogger(__name__)
 
 PHASES = ("inhale", "exhale")
 PROTOCOLS = ("inhale_exhale", "all_combinations", "cohort")
-NETWORK_METHODS = ("proposed", "proposed_without_affine")  # the network variants (method names)
 TOO_SMALL_SPLIT = "train_and_validation"
+NEGATIVE, POSITIVE = "healthy", "ILD"  # ILD is the positive class
+LABELS = (NEGATIVE, POSITIVE)
+
+
+# ------------------------------------------------------------------------- registries
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registration method: its name in paths and tables, its display name, who registers it."""
+
+    name: str
+    label: str  # in the tables' `name` column and the figures
+    kind: str  # identity, network (a trained variant of the network) or baseline (classical)
+    affine: bool = True  # network variants: with the linear branch (False: the paper's ablation)
+
+
+# In the order of the tables and figures.
+METHODS = (
+    Method("unregistered", "Unregistered", "identity"),
+    Method("proposed", "Proposed", "network"),
+    Method("proposed_without_affine", "Proposed w/o affine", "network", affine=False),
+    Method("syn", "SyN (ANTsPy)", "baseline"),
+    Method("sitk_bspline", "SimpleITK affine + B-spline", "baseline"),
+    Method("sitk_demons", "SimpleITK affine + demons", "baseline"),
+)
+METHOD = {m.name: m for m in METHODS}
+NETWORK_METHODS = tuple(m.name for m in METHODS if m.kind == "network")
+BASELINE_METHODS = tuple(m.name for m in METHODS if m.kind == "baseline")
+
+
+def method_label(name: str) -> str:
+    """The display name of a method (the name itself for a method the registry does not know)."""
+    return METHOD[name].label if name in METHOD else name
+
+
+def method_rank(name: str) -> int:
+    """Position of a method in the tables and figures; unknown methods come last."""
+    return METHODS.index(METHOD[name]) if name in METHOD else len(METHODS)
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """An ILD classifier: its name in paths and tables, and what it reads."""
+
+    name: str
+    features: str  # fields (the displacement fields, a torch model) or regional (the statistics table)
+
+
+CLASSIFIERS = (
+    Classifier("cnn", "fields"),
+    Classifier("logistic", "regional"),
+    Classifier("random_forest", "regional"),
+)
+FIELD_CLASSIFIERS = tuple(c.name for c in CLASSIFIERS if c.features == "fields")
+REGIONAL_CLASSIFIERS = tuple(c.name for c in CLASSIFIERS if c.features == "regional")
+
+
+# ------------------------------------------------------------------------------ split
 
 
 def other_phase(phase: str) -> str:
@@ -69,6 +132,11 @@ def evaluation_subjects(cohort: pd.DataFrame) -> list[str]:
     """Validation subjects, or everyone when the cohort was too small to split."""
     chosen = cohort[cohort["split"].isin(["validation", TOO_SMALL_SPLIT])]
     return chosen["subject"].tolist()
+
+
+def too_small_to_split(cohort: pd.DataFrame) -> bool:
+    """Whether the cohort was trained and evaluated on all its subjects (see `split_subjects`)."""
+    return bool((cohort["split"] == TOO_SMALL_SPLIT).any())
 
 
 def training_subjects(cohort: pd.DataFrame) -> list[str]:
@@ -135,3 +203,31 @@ class PreprocessedLayout:
 
     def landmarks(self, subject: str, phase: str) -> Path:
         return Path(self.root) / subject / f"{phase}_landmarks.csv"
+
+
+# ------------------------------------------------------------------- classification
+
+
+def labelled_subjects(cohort: pd.DataFrame) -> pd.DataFrame:
+    """subject, label of the subjects labelled healthy or ILD (unlabelled ones are left out)."""
+    labels = cohort["label"].fillna("").astype(str)
+    chosen = cohort.loc[labels.isin(LABELS), ["subject", "label"]]
+    return chosen.sort_values("subject").reset_index(drop=True)
+
+
+def feasibility(cohort: pd.DataFrame, n_folds: int) -> str | None:
+    """Why `n_folds`-fold classification of `cohort` is impossible, or None when it is possible.
+
+    Needs at least 2 subjects of each class (so that every training fold holds both classes)
+    and at least `n_folds` subjects in the larger class (scikit-learn's stratified k-fold).
+    """
+    counts = labelled_subjects(cohort)["label"].value_counts()
+    n_healthy, n_ild = int(counts.get(NEGATIVE, 0)), int(counts.get(POSITIVE, 0))
+    if n_folds < 2:
+        return f"{n_folds} folds; at least 2 are needed"
+    if min(n_healthy, n_ild) < 2:
+        return f"{n_healthy} healthy and {n_ild} ILD subjects labelled; at least 2 of each are needed"
+    if max(n_healthy, n_ild) < n_folds:
+        return (f"{n_healthy} healthy and {n_ild} ILD subjects are too few for {n_folds} folds "
+                f"(the larger class needs at least {n_folds})")
+    return None

@@ -1,10 +1,9 @@
-"""Glue between Snakemake scripts and the library: logging to the rule's log file."""
+"""Glue between Snakemake scripts and the library: logging to the rule's log file (threads: `network.device`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -28,10 +27,3 @@ def log_to(path: str | Path) -> Iterator[logging.Logger]:
                     raise
         finally:
             root.removeHandler(handler)
-
-
-def set_threads(threads: int) -> None:
-    """Use exactly the threads Snakemake granted (torch would take every core)."""
-    import torch
-
-    torch.set_num_threads(max(1, int(threads)))

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import settings_from
 from . import transform
 
 ENCODER_CHANNELS = (32, 64, 128, 32, 32)
@@ -38,6 +39,8 @@ DEFORMABLE_CHANNELS = (128, 64, 32, 32, 32)
 
 @dataclass(frozen=True)
 class ModelSettings:
+    """The network's architecture (config ``model:``; the affine switch comes from the method)."""
+
     width: float = 1.0  # channel multiplier; the paper is 1
     affine: bool = True  # False: the paper's "w/o affine" variant
     maxgrad: float = 2.0
@@ -48,12 +51,8 @@ class ModelSettings:
     affine_map: str = "exponential"  # or "additive" (the paper's I + output; det can be <= 0)
 
     @classmethod
-    def from_config(cls, section: dict) -> "ModelSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = set(section) - known
-        if unknown:
-            raise ValueError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
-        return cls(**section)
+    def from_config(cls, section: Mapping) -> "ModelSettings":
+        return settings_from(cls, section, "model")
 
     def as_dict(self) -> dict:
         return asdict(self)

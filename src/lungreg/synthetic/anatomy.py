@@ -1,9 +1,4 @@
-"""The embedded synthetic cohort: inhale/exhale lung MRI-like volumes with exact ground truth.
-
-Why it exists: the workflow must run end to end (training, registration, evaluation, ILD
-classification) without any real data, and its registration metrics must be checkable
-against a known answer.  Each subject has an inhale and an exhale 3D volume, lung masks,
-11 corresponding landmarks per phase and the exact displacement field between the phases.
+"""One synthetic subject: analytic anatomy, subject pose and breathing, in millimetres.
 
 Construction (exact ground truth without inverting a discontinuous field)
 -------------------------------------------------------------------------
@@ -41,40 +36,18 @@ peripheral diaphragm excursion, less chest-wall expansion and a more heterogeneo
 all scaled by one ``effect_size``.  Every random number is drawn for every subject whatever
 its label, so at ``effect_size == 0`` both groups come from the same distribution.  The
 breathing depth is random in both groups, so magnitude alone does not give the label away.
-
-Calibration of the default ``effect_size = 1.0`` (``calibration_accuracy``: logistic
-regression on the six ``motion_features`` of the ground-truth exhale-fixed field inside the
-lung, stratified 5-fold, 41 subjects, default shape, seeds 1..5): accuracy 0.90 +- 0.08
-(per seed 0.95 0.84 0.81 0.95 0.98; balanced 0.88) -- informative, not saturated.  At
-``effect_size = 0``: accuracy 0.67 +- 0.03, balanced 0.51 (chance; majority rate 29/41 = 0.71).
-
-Grid: all images of all subjects lie on one scanner grid: identity direction, spacing =
-field_of_view_mm / shape, centred on the world origin.  Arrays are (z, y, x); vector images
-hold (x, y, z) components in mm.  Displacement fields are stored as float32 to halve their
-size; ``sitk.DisplacementFieldTransform`` needs float64, so cast first:
-``sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import numpy as np
-import pandas as pd
 
-from lungreg.geometry import Grid, image_from_array
-from lungreg.io import write_image, write_text
-
-log = logging.getLogger(__name__)
+from .settings import Intensities, SyntheticCohortSettings, subject_table
 
 F32 = np.float32
-LABELS = ("healthy", "ILD")
 LANDMARK_NAMES = (
     "carina",
     "right_upper_vessel_bifurcation",
@@ -88,17 +61,6 @@ LANDMARK_NAMES = (
     "right_apex",
     "left_apex",
 )
-OUTPUT_FILES = (
-    "inhale.nii.gz",
-    "exhale.nii.gz",
-    "inhale_mask.nii.gz",
-    "exhale_mask.nii.gz",
-    "inhale_landmarks.csv",
-    "exhale_landmarks.csv",
-    "gt_displacement_fixed-exhale.nii.gz",
-    "gt_displacement_fixed-inhale.nii.gz",
-    "parameters.json",
-)
 
 # How an ILD subject's motion differs, per unit of effect_size (calibrated: see
 # calibration_accuracy and tests/test_cohort.py).
@@ -108,155 +70,11 @@ ILD_EXPANSION_REDUCTION = 0.20  # relative reduction of AP / lateral expansion
 ILD_HETEROGENEITY_MM = 1.5  # added amplitude of the random perturbation field
 
 LUNG_TAPER = 0.1  # the lungs' horizontal size shrinks by this fraction from base to apex
-_CHUNK = 1 << 19  # voxels per vectorised block: bounds the temporaries' memory
 _TUBE_VESSEL, _TUBE_RIB, _TUBE_AORTA, _TUBE_WALL, _TUBE_LUMEN = range(5)
 _N_MODES = 6  # random cosine modes of the heterogeneity field
 
 
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class Intensities:
-    """Tissue intensities (arbitrary MRI units, before bias field and noise).
-
-    Chosen so that the paper's clip to [0, 1300] matters: fat is partly above it.
-    """
-
-    lung: float = 90.0
-    lung_gradient: float = 40.0  # dependent (posterior) lung brighter by up to this
-    vessel: float = 430.0
-    airway_wall: float = 380.0
-    airway_lumen: float = 10.0
-    fat: float = 1380.0
-    muscle: float = 760.0
-    rib: float = 330.0
-    mediastinum: float = 520.0
-    heart: float = 610.0
-    aorta: float = 240.0
-    liver: float = 470.0
-    abdomen: float = 650.0
-    bone: float = 860.0
-    disc: float = 470.0
-    csf: float = 260.0
-
-
-@dataclass(frozen=True)
-class SyntheticCohortSettings:
-    """Everything that defines the synthetic cohort; equal settings give equal files."""
-
-    n_subjects: int = 41
-    n_ild: int = 29
-    shape: tuple[int, int, int] = (36, 72, 72)  # z, y, x voxels
-    field_of_view_mm: tuple[float, float, float] = (300.0, 400.0, 400.0)  # z, y, x
-    effect_size: float = 1.0
-    seed: int = 2018
-    breathing_depth_mm: float = 35.0  # median diaphragm excursion
-    breathing_depth_variation: float = 0.25  # log-normal sigma, same in both groups
-    noise_std: float = 15.0  # Rician noise sigma
-    bias_field_strength: float = 0.2  # log-amplitude of the smooth multiplicative bias
-    anatomy_variation: float = 0.06  # relative sd of body / organ sizes
-    pose_rotation_deg: float = 3.0
-    pose_translation_mm: float = 8.0
-    repositioning_rotation_deg: float = 2.0
-    repositioning_translation_mm: float = 4.0
-    intensities: Intensities = field(default_factory=Intensities)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not 1 <= self.n_subjects <= 9999:
-            problems.append(f"n_subjects must be in 1..9999, got {self.n_subjects}")
-        if not 0 <= self.n_ild <= self.n_subjects:
-            problems.append(f"n_ild must be in 0..n_subjects ({self.n_subjects}), got {self.n_ild}")
-        if len(self.shape) != 3 or min(self.shape) < 8:
-            problems.append(f"shape must be three sizes (z, y, x) of at least 8, got {list(self.shape)}")
-        if len(self.field_of_view_mm) != 3 or min(self.field_of_view_mm) < 200:
-            problems.append(f"field_of_view_mm must be three lengths >= 200 mm, got {list(self.field_of_view_mm)}")
-        for name in ("effect_size", "noise_std", "bias_field_strength", "anatomy_variation",
-                     "breathing_depth_variation", "pose_rotation_deg", "pose_translation_mm",
-                     "repositioning_rotation_deg", "repositioning_translation_mm"):
-            if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
-        if not 5 <= self.breathing_depth_mm <= 60:
-            problems.append(f"breathing_depth_mm must be in 5..60, got {self.breathing_depth_mm}")
-        if problems:
-            raise ValueError("synthetic cohort settings: " + "; ".join(problems))
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None) -> "SyntheticCohortSettings":
-        """Settings from the config's `synthetic:` section; unknown keys are an error."""
-        section = dict(section or {})
-        _reject_unknown(section, {f.name for f in dataclasses.fields(cls)}, "synthetic")
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in section:
-                continue
-            value = section[f.name]
-            try:
-                kwargs[f.name] = _coerce(f.name, value)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"synthetic.{f.name}: {error}") from None
-        return cls(**kwargs)
-
-    @property
-    def grid(self) -> Grid:
-        """The scanner grid shared by every image: identity direction, centred at the origin."""
-        size = np.asarray(self.shape[::-1], dtype=int)
-        spacing = np.asarray(self.field_of_view_mm[::-1], dtype=float) / size
-        origin = -spacing * (size - 1) / 2
-        return Grid(tuple(int(s) for s in size), tuple(float(s) for s in spacing),
-                    tuple(float(o) for o in origin), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-
-    def subject_ids(self) -> list[str]:
-        width = max(3, len(str(self.n_subjects)))
-        return [f"sub-{i:0{width}d}" for i in range(1, self.n_subjects + 1)]
-
-
-def _reject_unknown(section: Mapping[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Config values (YAML lists, ints for floats) to the dataclass field types."""
-    if name in ("n_subjects", "n_ild", "seed"):
-        if isinstance(value, bool) or int(value) != value:
-            raise ValueError(f"expected an integer, got {value!r}")
-        return int(value)
-    if name == "shape":
-        return tuple(int(v) for v in _three(value))
-    if name == "field_of_view_mm":
-        return tuple(float(v) for v in _three(value))
-    if name == "intensities":
-        if not isinstance(value, Mapping):
-            raise ValueError("expected a mapping of tissue name to intensity")
-        _reject_unknown(value, {f.name for f in dataclasses.fields(Intensities)}, "synthetic.intensities")
-        return Intensities(**{k: float(v) for k, v in value.items()})
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    return float(value)
-
-
-def _three(value: Any) -> list:
-    if isinstance(value, (str, bytes)) or len(value) != 3:
-        raise ValueError(f"expected three values (z, y, x), got {value!r}")
-    return list(value)
-
-
 # ------------------------------------------------------------------------------ subjects
-
-
-def subject_table(settings: SyntheticCohortSettings) -> pd.DataFrame:
-    """Subject ids and labels; cheap (nothing rendered), so the workflow can plan from it.
-
-    Which subjects are ILD is a seeded random draw, independent of everything else.
-    """
-    rng = np.random.default_rng(np.random.SeedSequence(settings.seed, spawn_key=(0,)))
-    ild = np.zeros(settings.n_subjects, dtype=bool)
-    ild[rng.choice(settings.n_subjects, size=settings.n_ild, replace=False)] = True
-    return pd.DataFrame({"subject": settings.subject_ids(), "label": np.where(ild, "ILD", "healthy")})
-
 
 def _subject_index(settings: SyntheticCohortSettings, subject: str) -> int:
     ids = settings.subject_ids()
@@ -378,13 +196,13 @@ class _Rigid:
     offset: np.ndarray
 
     def apply(self, points: np.ndarray) -> np.ndarray:
-        return _linear(points, self.matrix.T) + self.offset.astype(points.dtype)
+        return skinny_matmul(points, self.matrix.T) + self.offset.astype(points.dtype)
 
     def invert(self, points: np.ndarray) -> np.ndarray:
-        return _linear(points - self.offset.astype(points.dtype), self.matrix)
+        return skinny_matmul(points - self.offset.astype(points.dtype), self.matrix)
 
 
-def _linear(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+def skinny_matmul(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """points (n, k) @ matrix (k, m) by broadcasting: BLAS is slow for such skinny products."""
     matrix = np.asarray(matrix, dtype=points.dtype)
     if points.ndim == 1:
@@ -440,7 +258,7 @@ class _Lung:
     hilum: tuple[float, float, float]
 
 
-class _Model:
+class SubjectModel:
     """One subject: analytic anatomy, breathing map and poses (canonical frame in mm)."""
 
     def __init__(self, settings: SyntheticCohortSettings, params: dict, tree_rng: np.random.Generator):
@@ -746,9 +564,9 @@ class _Model:
 
     def _heterogeneity(self, q: np.ndarray, components: tuple) -> np.ndarray:
         """A smooth random field of unit-ish amplitude (sum of random cosine modes)."""
-        phases = _linear(q, self.het_k.T)
+        phases = skinny_matmul(q, self.het_k.T)
         phases += self.het_phase.astype(q.dtype)
-        return _linear(np.cos(phases, out=phases), self.het_w[:, list(components)])
+        return skinny_matmul(np.cos(phases, out=phases), self.het_w[:, list(components)])
 
     def _columns(self, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
         """Per-(x, y) quantities of the z motion, blended smoothly between the two sides."""
@@ -1020,203 +838,10 @@ def _trilinear(layers: np.ndarray, lo: np.ndarray, spacing: np.ndarray, c: np.nd
     return out[:, 0], out[:, 1]
 
 
-# ---------------------------------------------------------------------------- rendering
-
-
-def _world_points(grid: Grid, start: int, stop: int) -> np.ndarray:
-    """Physical points (float32) of voxels start..stop in flat (z, y, x) order."""
-    nz, ny, nx = grid.shape
-    flat = np.arange(start, stop)
-    index = np.stack([flat % nx, (flat // nx) % ny, flat // (nx * ny)], axis=1).astype(F32)
-    return _linear(index, grid.index_to_world_matrix.T) + np.asarray(grid.origin, dtype=F32)
-
-
-def _chunks(total: int) -> Iterable[tuple[int, int]]:
-    for start in range(0, total, _CHUNK):
-        yield start, min(total, start + _CHUNK)
-
-
-def _bias_field(grid: Grid, params: dict, strength: float, points: np.ndarray) -> np.ndarray:
-    """Smooth multiplicative bias in scanner coordinates (the coil does not move with the patient)."""
-    half = np.asarray(grid.size) * np.asarray(grid.spacing) / 2
-    u = points / half.astype(points.dtype)
-    basis = [u[:, 0], u[:, 1], u[:, 2], u[:, 0] ** 2 - 1 / 3, u[:, 1] ** 2 - 1 / 3, u[:, 2] ** 2 - 1 / 3,
-             u[:, 0] * u[:, 1], u[:, 0] * u[:, 2], u[:, 1] * u[:, 2]]
-    log_bias = sum(a * b for a, b in zip(params["bias_coefficients"], basis)) / 3.0
-    return params["gain"] * np.exp(strength * log_bias)
-
-
-def _add_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Rician noise: the magnitude of the image plus complex Gaussian noise."""
-    if sigma <= 0:
-        return image
-    real = image + sigma * rng.standard_normal(image.shape, dtype=F32)
-    imag = sigma * rng.standard_normal(image.shape, dtype=F32)
-    return np.sqrt(real * real + imag * imag)
-
-
-def _render_inhale(model: _Model, grid: Grid) -> dict[str, np.ndarray]:
-    """Inhale image, lung mask, and the inverse map u_i (inhale point -> exhale point)."""
-    n = int(np.prod(grid.shape))
-    image, mask = np.empty(n, F32), np.empty(n, np.uint8)
-    field_i, residual = np.empty((n, 3), F32), np.empty(n, F32)
-    for start, stop in _chunks(n):
-        y = _world_points(grid, start, stop)
-        c = model.pose_inhale.invert(y)
-        lung = model.lung_sd(c)
-        in_lung = lung[0] < 0
-        image[start:stop] = model.render(c, lung) * _bias_field(grid, model.p, model.settings.bias_field_strength, y)
-        mask[start:stop] = in_lung
-        x = model.pose_exhale.apply(model.unbreathe(c, in_lung))
-        field_i[start:stop] = x - y
-        residual[start:stop] = np.linalg.norm(model.phi(x)[0] - y, axis=1)
-    return {"image": image, "mask": mask, "field": field_i, "residual": residual}
-
-
-def _exhale_field(model: _Model, grid: Grid, render: bool = True) -> dict[str, np.ndarray]:
-    """Exhale image, mask and u_e (exhale point -> inhale point); render=False skips the image."""
-    n = int(np.prod(grid.shape))
-    image, mask, field_e = (np.empty(n, F32) if render else None), np.empty(n, np.uint8), np.empty((n, 3), F32)
-    for start, stop in _chunks(n):
-        x = _world_points(grid, start, stop)
-        c, in_lung = model.breathe(model.pose_exhale.invert(x))
-        mask[start:stop] = in_lung
-        field_e[start:stop] = model.pose_inhale.apply(c) - x
-        if render:
-            image[start:stop] = model.render(c) * _bias_field(grid, model.p, model.settings.bias_field_strength, x)
-    return {"image": image, "mask": mask, "field": field_e}
-
-
-def _build_model(settings: SyntheticCohortSettings, subject: str) -> tuple[_Model, list]:
+def build_model(settings: SyntheticCohortSettings, subject: str) -> tuple[SubjectModel, list]:
     index = _subject_index(settings, subject)
     label = subject_table(settings)["label"].iloc[index]
     streams = _streams(settings, index)
     params = _draw_parameters(settings, streams[0], ild=(label == "ILD"))
     params["subject"] = subject
-    return _Model(settings, params, streams[1]), streams[2:]
-
-
-# ------------------------------------------------------------------------------ public
-
-
-def synthesize_subject(settings: SyntheticCohortSettings, subject: str, out_dir: str | Path) -> None:
-    """Write one subject's images, masks, landmarks, exact displacement fields and parameters.
-
-    Files (all on `settings.grid`, each written atomically): see OUTPUT_FILES.  Displacement
-    fields follow the ITK convention (for each fixed point, the offset in mm to the moving
-    point) as float32 vector images with (x, y, z) components: cast them to float64 before
-    building a sitk.DisplacementFieldTransform.
-    """
-    began = time.perf_counter()
-    grid = settings.grid
-    model, (noise_inhale, noise_exhale) = _build_model(settings, subject)
-    inhale = _render_inhale(model, grid)
-    exhale = _exhale_field(model, grid)
-    marks = dict(zip(("inhale", "exhale"), model.landmarks()))
-    half_fov = np.asarray(grid.size) * np.asarray(grid.spacing) / 2
-    for phase, points in marks.items():
-        if not np.all(np.abs(points) < half_fov - 10.0):
-            raise RuntimeError(f"subject {subject}: {phase} landmarks not well inside the field of view")
-    inhale["image"] = _add_noise(inhale["image"], settings.noise_std, noise_inhale)
-    exhale["image"] = _add_noise(exhale["image"], settings.noise_std, noise_exhale)
-    residual = _residual_summary(inhale)
-    record = {**model.p, "effect_size": settings.effect_size, "seed": settings.seed,
-              "inverse_residual_mm": residual, "landmarks": list(LANDMARK_NAMES)}
-    _write_outputs(Path(out_dir), grid, {"inhale": inhale, "exhale": exhale}, marks, record)
-    log.info("synthesized %s (%s, excursion %.1f mm) in %.1f s; inverse residual in lung mean %.2g max %.2g mm",
-             subject, model.p["label"], model.p["diaphragm_excursion_mm"], time.perf_counter() - began,
-             residual["lung_mean"], residual["lung_max"])
-
-
-def _write_outputs(out_dir: Path, grid: Grid, phases: dict, marks: dict, record: dict) -> None:
-    """The files of OUTPUT_FILES; the field of each phase is the one whose fixed image it is."""
-    shape = grid.shape
-    for phase, data in phases.items():
-        write_image(image_from_array(data["image"].reshape(shape).astype(F32), grid), out_dir / f"{phase}.nii.gz")
-        write_image(image_from_array(data["mask"].reshape(shape), grid), out_dir / f"{phase}_mask.nii.gz")
-        write_image(image_from_array(data["field"].reshape(*shape, 3), grid, is_vector=True),
-                    out_dir / f"gt_displacement_fixed-{phase}.nii.gz")
-        points = marks[phase]
-        table = pd.DataFrame({"landmark": LANDMARK_NAMES, "x": points[:, 0], "y": points[:, 1], "z": points[:, 2]})
-        write_text(table.to_csv(index=False, float_format="%.6f", lineterminator="\n"),
-                   out_dir / f"{phase}_landmarks.csv")
-    write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", out_dir / "parameters.json")
-
-
-def _residual_summary(inhale: dict) -> dict[str, float]:
-    lung = inhale["mask"].astype(bool)
-    r = inhale["residual"]
-    return {"lung_mean": float(r[lung].mean()) if lung.any() else 0.0,
-            "lung_max": float(r[lung].max()) if lung.any() else 0.0,
-            "all_mean": float(r.mean()), "all_max": float(r.max()),
-            "all_fraction_above_0.1mm": float((r > 0.1).mean())}
-
-
-# ------------------------------------------------------------------------- calibration
-
-
-def motion_features(displacement: np.ndarray, mask: np.ndarray, grid: Grid) -> dict[str, float]:
-    """A few regional statistics of a displacement field inside a lung mask.
-
-    `displacement` is (z, y, x, 3) with (x, y, z) components in mm, `mask` (z, y, x).  The
-    statistics are scale-free (ratios), so breathing depth alone does not decide them.
-    """
-    from scipy import ndimage
-
-    lung = mask.astype(bool)
-    u = displacement[lung].astype(float)
-    z = grid.index_to_world(np.argwhere(lung)[:, ::-1])[:, 2]
-    height = (z - z.min()) / max(z.max() - z.min(), 1e-6)
-    depth = ndimage.distance_transform_edt(lung, sampling=grid.spacing[::-1])[lung]
-    periph = depth <= np.median(depth)
-    size = np.linalg.norm(u, axis=1)
-    scale = size.mean()
-    uz = u[:, 2]
-    slices = np.argwhere(lung)[:, 0]
-    spread = [uz[slices == k].std() for k in np.unique(slices) if np.sum(slices == k) >= 10]
-    return {
-        "apical_uz": float(uz[height > 2 / 3].mean() / scale),
-        "middle_uz": float(uz[(height >= 1 / 3) & (height <= 2 / 3)].mean() / scale),
-        "basal_uz": float(uz[height < 1 / 3].mean() / scale),
-        "peripheral_ratio": float(size[periph].mean() / size[~periph].mean()),
-        "horizontal_ratio": float(np.linalg.norm(u[:, :2], axis=1).mean() / np.abs(uz).mean()),
-        "heterogeneity": float(np.mean(spread) / scale),
-    }
-
-
-def cohort_motion_features(settings: SyntheticCohortSettings) -> pd.DataFrame:
-    """motion_features of every subject's ground-truth exhale-fixed field (nothing rendered)."""
-    grid = settings.grid
-    rows = []
-    for subject, label in subject_table(settings).itertuples(index=False):
-        model, _ = _build_model(settings, subject)
-        data = _exhale_field(model, grid, render=False)
-        features = motion_features(data["field"].reshape(*grid.shape, 3), data["mask"].reshape(grid.shape), grid)
-        rows.append({"subject": subject, "label": label, **features})
-    return pd.DataFrame(rows)
-
-
-def calibration_accuracy(settings: SyntheticCohortSettings, seeds: Iterable[int] = (1, 2, 3)) -> pd.DataFrame:
-    """Cross-validated accuracy of a simple classifier of the ground-truth motion, per seed.
-
-    Logistic regression on motion_features, stratified 5-fold; used to calibrate the default
-    effect_size (informative but not saturated) and to check that effect_size 0 is at chance.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_validate
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    rows = []
-    for seed in seeds:
-        table = cohort_motion_features(dataclasses.replace(settings, seed=int(seed)))
-        x = table.drop(columns=["subject", "label"]).to_numpy()
-        y = (table["label"] == "ILD").to_numpy()
-        folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=int(seed))
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
-        scores = cross_validate(model, x, y, cv=folds, scoring=("accuracy", "balanced_accuracy"))
-        rows.append({"seed": int(seed), "effect_size": settings.effect_size,
-                     "accuracy": float(scores["test_accuracy"].mean()),
-                     "balanced_accuracy": float(scores["test_balanced_accuracy"].mean()),
-                     "majority_rate": float(max(y.mean(), 1 - y.mean()))})
-    return pd.DataFrame(rows)
+    return SubjectModel(settings, params, streams[1]), streams[2:]

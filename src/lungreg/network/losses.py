@@ -8,10 +8,12 @@ every voxel, never by sampling and rejecting voxels (see the pitfalls in ../shar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from ..config import settings_from
 
 
 def _weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -90,12 +92,18 @@ def gradient_penalty(gradients: torch.Tensor, reduction: str = "mean") -> torch.
 
 @dataclass(frozen=True)
 class LossSettings:
+    """The loss (config ``loss:``)."""
+
     similarity: str = "mse"
     alpha: float = 1e-6  # weight of ||A - A_I||_1
     beta: float = 1e-6  # weight of ||Phi - Phi_I||_1
     regularizer_reduction: str = "mean"
     mask_weighted: bool = False  # weight the similarity by the fixed lung mask
     mask_margin_voxels: int = 2  # dilate the mask so the lung boundary is inside the weight
+
+    @classmethod
+    def from_config(cls, section: Mapping) -> "LossSettings":
+        return settings_from(cls, section, "loss")
 
 
 def mask_weight(mask: torch.Tensor, margin: int) -> torch.Tensor:

@@ -13,17 +13,24 @@ import hashlib
 import json
 import logging
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
+import SimpleITK as sitk
 import torch
 
-from . import io
+from .. import io, torch_io
+from ..config import settings_from
+from ..metrics import dice
+from ..plots import training_curve
+from ..study import PreprocessedLayout
+from .device import choose_device
 from .losses import LossSettings, registration_loss
-from .metrics import dice
 from .model import Acceleration, ModelSettings, RegistrationNet
 from .transform import warp
 
@@ -32,6 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """The training (config ``train:``)."""
+
     epochs: int = 1000
     batch_size: int = 2
     learning_rate: float = 1e-3
@@ -41,7 +50,7 @@ class TrainSettings:
     checkpoint_every: int = 1
     seed: int = 2018
     device: str = "auto"  # auto: cuda when present, else cpu
-    # How the network runs (lungreg.model.Acceleration); only bf16 changes the numbers enough
+    # How the network runs (lungreg.network.model.Acceleration); only bf16 changes the numbers enough
     # to make a checkpoint belong to other settings.
     bf16: bool = False  # bf16 autocast of the convolutions (CUDA, or CPU)
     channels_last: bool = False  # channels_last_3d weights and inputs
@@ -53,20 +62,8 @@ class TrainSettings:
         return Acceleration.from_config(asdict(self))
 
     @classmethod
-    def from_config(cls, section: dict) -> "TrainSettings":
-        return _from_section(cls, section, "train")
-
-
-def _from_section(cls, section: dict, name: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(section) - known
-    if unknown:
-        raise ValueError(f"unknown {name} setting(s): {', '.join(sorted(unknown))}")
-    return cls(**section)
-
-
-def loss_settings_from_config(section: dict) -> LossSettings:
-    return _from_section(LossSettings, section, "loss")
+    def from_config(cls, section: Mapping) -> "TrainSettings":
+        return settings_from(cls, section, "train")
 
 
 @dataclass(frozen=True)
@@ -79,16 +76,8 @@ class PairFiles:
     fixed_mask: str
 
 
-def choose_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
 def load_volume(path: str | Path) -> torch.Tensor:
     """A preprocessed volume as a (1, D, H, W) float32 tensor."""
-    import SimpleITK as sitk
-
     array = sitk.GetArrayFromImage(io.read_intermediate_image(path)).astype(np.float32)
     return torch.from_numpy(array)[None]
 
@@ -177,8 +166,6 @@ class TrainingState:
 def _rng_states() -> dict:
     """Every global random generator (the epoch order has its own seeded one; this keeps a resumed
     run exact should anything in training draw from the global ones)."""
-    import random
-
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -186,8 +173,6 @@ def _rng_states() -> dict:
 
 
 def _set_rng_states(states: dict) -> None:
-    import random
-
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
@@ -196,7 +181,7 @@ def _set_rng_states(states: dict) -> None:
 
 
 def _save_checkpoint(path, model, optimizer, scheduler, state: TrainingState, key: str) -> None:
-    io.save_torch({"fingerprint": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    torch_io.save_torch({"fingerprint": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "state": asdict(state), "rng": _rng_states()}, path)
 
 
@@ -204,7 +189,7 @@ def _resume(path: Path | None, key: str, model, optimizer, scheduler) -> Trainin
     if path is None or not Path(path).exists():
         return TrainingState()
     try:
-        checkpoint = io.load_torch(path)
+        checkpoint = torch_io.load_torch(path)
     except io.CorruptFileError as error:  # not an output: snakemake --forcerun would read it again
         raise io.CorruptFileError(path, error.reason, "it is the resume point of an interrupted training; "
                                   "delete it to train from epoch 1") from None
@@ -290,8 +275,6 @@ def train(train_pairs: list[PairFiles], val_pairs: list[PairFiles], model_settin
 
 def pair_files(rows: list[dict], preprocessed: str | Path) -> list[PairFiles]:
     """PairFiles of the pairs (as `study.Pair.as_row` dictionaries) in a preprocessed folder."""
-    from .study import PreprocessedLayout
-
     layout = PreprocessedLayout(Path(preprocessed))
     return [PairFiles(str(layout.image(r["moving_subject"], r["moving_phase"])),
                       str(layout.image(r["fixed_subject"], r["fixed_phase"])),
@@ -305,12 +288,10 @@ def run_training(train_rows: list[dict], validation_rows: list[dict], preprocess
     """The training job: train, then write the best model, the per-epoch log and its figure."""
     checkpoint, history = train(
         pair_files(train_rows, preprocessed), pair_files(validation_rows, preprocessed),
-        ModelSettings.from_config(model), loss_settings_from_config(loss), TrainSettings.from_config(settings),
+        ModelSettings.from_config(model), LossSettings.from_config(loss), TrainSettings.from_config(settings),
         checkpoint_path, extra={"preprocess": preprocess})
-    io.save_torch(checkpoint, model_path)
+    torch_io.save_torch(checkpoint, model_path)
     io.write_table(history, log_path)
     if curve_path:
-        from .plots import training_curve
-
         training_curve(history, curve_path)
     return history

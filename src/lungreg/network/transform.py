@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .geometry import Grid
+from ..geometry import Grid
 
 # For each component of the (x, y, z) grid, the tensor dimension of (N, C, D, H, W) it runs along.
 _AXIS_OF_COMPONENT = (4, 3, 2)

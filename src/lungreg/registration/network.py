@@ -1,0 +1,173 @@
+"""The trained network as a `Registrar`: batched, timed around the forward pass, optionally pipelined on CUDA."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .. import torch_io
+from ..evaluate import Phase
+from ..network.device import choose_device
+from ..network.model import Acceleration, load_model
+from ..network.transform import affine_to_physical, grid_to_displacement
+from .base import LoadedPair, RegistrationResult
+
+
+@dataclass
+class _InFlight:
+    """A batch whose forward pass has been queued (CUDA) or done (CPU), not yet turned into results."""
+
+    batch: list[LoadedPair]
+    keep: tuple  # pinned host inputs and device tensors that must live until `done`
+    grid: torch.Tensor  # host copies (CUDA: pinned, filled asynchronously until `done`)
+    warped: torch.Tensor
+    theta: torch.Tensor | None
+    seconds: float = 0.0  # CPU: measured; CUDA: from the events once done
+    events: tuple | None = None  # CUDA: (start, end, done)
+
+
+class NetworkRegistrar:
+    """The trained network; pairs go through it in batches, timed around the forward pass.
+
+    `acceleration` (bf16, channels_last, cudnn_benchmark, compile) says how the network runs. With
+    `prefetch`, `register_stream` overlaps work on CUDA: batch k+1 is read from disk, stacked into
+    pinned memory and copied to the GPU on a side stream while batch k computes, and batch k's
+    results are scored on the CPU while batch k+1 computes (two batches in GPU memory at once).
+    On CPU it is the plain sequential path. Timing: CUDA events around each forward pass (GPU
+    time, synchronised), or the wall clock on CPU; per pair, transfers and file I/O excluded.
+    With compile or cudnn_benchmark, the first batch of each input shape also runs once
+    untimed (compilation, autotuning), and a short last batch is padded to the batch size so
+    that a compiled network never sees a second shape.
+    """
+
+    # Defaults as class attributes: a registrar built around a bare model (tests) runs plainly.
+    acceleration = Acceleration()
+    prefetch = False
+    batch_size = 1
+    _runner = None
+    _copy_stream = None
+
+    def __init__(self, name: str, model_path: str | Path, device: str = "auto", batch_size: int = 4,
+                 threads: int = 1, bf16: bool = False, acceleration: Acceleration | None = None,
+                 prefetch: bool = True):
+        self.name, self.batch_size, self.threads = name, batch_size, threads
+        self.torch_device = choose_device(device)
+        self.device = torch.cuda.get_device_name(self.torch_device) if self.torch_device.type == "cuda" else "cpu"
+        self.acceleration = acceleration if acceleration is not None else Acceleration(bf16=bf16)
+        checkpoint = torch_io.load_torch(model_path)
+        self.model = load_model(checkpoint, "cpu")
+        self._runner = self.acceleration.prepare(self.model, self.torch_device)
+        self.prefetch = prefetch
+        if prefetch and self.torch_device.type == "cuda":
+            self._copy_stream = torch.cuda.Stream(self.torch_device)
+        self._warm: set[tuple] = set()
+
+    @property
+    def cuda(self) -> bool:
+        return self.torch_device.type == "cuda"
+
+    def _host(self, phases: list[Phase]) -> torch.Tensor:
+        """(N, 1, D, H, W) float32 on the host; pinned on CUDA, so the copy can be asynchronous."""
+        if self.acceleration.compile and len(phases) < self.batch_size:
+            phases = phases + [phases[-1]] * (self.batch_size - len(phases))
+        tensor = torch.from_numpy(np.stack([np.asarray(p.array, dtype=np.float32) for p in phases])[:, None])
+        return tensor.pin_memory() if self.cuda else tensor
+
+    def _to_device(self, *host: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        """Host -> device copies: on the side stream with prefetch (an event says when they are
+        done), else queued on the current stream; CPU tensors stay where they are."""
+        if not self.cuda:
+            return list(host), None
+        if self._copy_stream is None:
+            return [h.to(self.torch_device, non_blocking=True) for h in host], None
+        with torch.cuda.stream(self._copy_stream):
+            moved = [h.to(self.torch_device, non_blocking=True) for h in host]
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        return moved, copied
+
+    def _warm_up(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
+        shape = tuple(moving.shape)
+        if self.acceleration.needs_warmup and shape not in self._warm:
+            with self.acceleration.autocast(self.torch_device):
+                self._runner(moving, fixed)
+            self._warm.add(shape)
+
+    @torch.no_grad()
+    def _launch(self, batch: list[LoadedPair]) -> _InFlight:
+        """Queue (CUDA) or run (CPU) the forward pass of a batch; results come from `_finish`."""
+        runner = self._runner or self.model
+        host = (self._host([p.moving for p in batch]), self._host([p.fixed for p in batch]))
+        (moving, fixed), copied = self._to_device(*host)
+        if copied is not None:
+            stream = torch.cuda.current_stream(self.torch_device)
+            stream.wait_event(copied)
+            for tensor in (moving, fixed):  # allocated on the side stream, used on this one
+                tensor.record_stream(stream)
+        moving, fixed = self.acceleration.inputs(moving, fixed)
+        self._warm_up(moving, fixed)
+        n = len(batch)
+        if not self.cuda:
+            started = time.perf_counter()
+            with self.acceleration.autocast(self.torch_device):
+                out = runner(moving, fixed)
+            seconds = (time.perf_counter() - started) / n
+            theta = None if out.theta is None else out.theta[:n]
+            return _InFlight(batch, (), out.grid[:n], out.warped[:n], theta, seconds)
+        start, end, done = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), torch.cuda.Event())
+        start.record()
+        with self.acceleration.autocast(self.torch_device):
+            out = runner(moving, fixed)
+        end.record()
+        copies = []
+        for tensor in (out.grid[:n], out.warped[:n], None if out.theta is None else out.theta[:n]):
+            if tensor is None:
+                copies.append(None)
+                continue
+            pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            pinned.copy_(tensor, non_blocking=True)
+            copies.append(pinned)
+        done.record()
+        return _InFlight(batch, (host, moving, fixed, out), *copies, events=(start, end, done))
+
+    def _finish(self, flight: _InFlight) -> list[RegistrationResult]:
+        seconds = flight.seconds
+        if flight.events is not None:
+            start, end, done = flight.events
+            done.synchronize()
+            seconds = start.elapsed_time(end) / 1000.0 / len(flight.batch)
+        grids = flight.grid.double().numpy()
+        warped = flight.warped.float().numpy()
+        results = []
+        for k, item in enumerate(flight.batch):
+            fixed, moving = item.fixed.grid, item.moving.grid
+            affine = None if flight.theta is None else affine_to_physical(flight.theta[k].double().numpy(), fixed, moving)
+            image = fixed.apply_to(sitk.GetImageFromArray(warped[k, 0]))
+            results.append(RegistrationResult(grid_to_displacement(grids[k], fixed, moving), seconds, affine, image))
+        return results
+
+    def register(self, batch: list[LoadedPair]) -> list[RegistrationResult]:
+        return self._finish(self._launch(batch))
+
+    def register_stream(self, batches: Iterable[list[LoadedPair]]) -> Iterator[tuple[list[LoadedPair], list[RegistrationResult]]]:
+        """(batch, results) for every batch, in order; batch k+1 is pulled from `batches` (file
+        reads included) and queued before batch k's results are made (see the class notes)."""
+        if not (self.prefetch and self.cuda):
+            for batch in batches:
+                yield batch, self.register(batch)
+            return
+        pending = None
+        for batch in batches:
+            launched = (batch, self._launch(batch))
+            if pending is not None:
+                yield pending[0], self._finish(pending[1])
+            pending = launched
+        if pending is not None:
+            yield pending[0], self._finish(pending[1])
+
