@@ -58,6 +58,16 @@ def machine() -> dict:
     }
 
 
+def workflow_config() -> dict:
+    """config/config.yaml with the schema's defaults filled in: the configuration the workflow sees."""
+    import yaml
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    validate(config, str(REPO / "config" / "schemas" / "config.schema.yaml"))
+    return config
+
+
 def available_memory_gb() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable"):

@@ -86,7 +86,7 @@ def child(config: dict) -> dict:
         net.train()
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
         mask = torch.ones_like(fixed)
-        settings = LossSettings()
+        settings = LossSettings(beta=1e-6, mask_weighted=False)  # the paper's loss
 
         def step():
             with acceleration.autocast(device):

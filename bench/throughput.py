@@ -15,7 +15,7 @@ each pair (Dice, landmarks, Jacobian) and writes what save_fields asks for:
 * syn_over_*: SyN's time divided by the row's (how many times faster than SyN).
 
 Network rows use random last-layer weights (a few voxels of deformation) of each variant: speed does
-not depend on the weights. Baselines use config.yaml's options. save_fields none must write no
+not depend on the weights. Baselines use the workflow's options (config.yaml and the schema's defaults). save_fields none must write no
 per-pair file at all: files_written counts what the chunk left in its folder.
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, files_under, load_average, machine, write_results  # noqa: E402
+from _common import files_under, load_average, machine, workflow_config, write_results  # noqa: E402
 
 NETWORK_VARIANTS = {
     "w0.25": {"width": 0.25},
@@ -100,13 +100,12 @@ def main() -> None:
     threads = args.threads or os.cpu_count()
 
     import torch
-    import yaml
 
     from lungreg.registration.chunk import ChunkOutputs, build_registrar, run_chunk
     from lungreg.registration.network import NetworkRegistrar
 
     torch.set_num_threads(threads)
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config = workflow_config()
     meta = {**machine(), "threads": threads, "subjects": args.subjects, "command": " ".join(sys.argv)}
     print(json.dumps(meta), flush=True)
     started = time.perf_counter()

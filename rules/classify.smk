@@ -9,7 +9,7 @@ rule classify_folds:
     params:
         cohort=CLASSIFY_LABELLED,
         folds=CLASSIFY_FOLDS,
-        seed=CLASSIFY.get("seed", 2018),
+        seed=CLASSIFY["seed"],
     log:
         "results/logs/classify/folds.log",
     benchmark:
@@ -30,7 +30,7 @@ rule classify_features:
     params:
         fields=classify_field_paths(),
         masks=classify_mask_paths(),
-        masked=CLASSIFY.get("masked", True),
+        masked=CLASSIFY["masked"],
     log:
         "results/logs/classify/features.log",
     benchmark:
@@ -49,8 +49,8 @@ rule classify_cnn:
         predictions="results/classification/{classifier}/fold-{fold}/predictions.tsv",
         model="results/classification/{classifier}/fold-{fold}/classifier.pt",
     params:
-        options=CLASSIFY.get("cnn", {}),
-        seed=CLASSIFY.get("seed", 2018),
+        options=CLASSIFY["cnn"],
+        seed=CLASSIFY["seed"],
     log:
         "results/logs/classify/{classifier}_fold-{fold}.log",
     benchmark:
@@ -58,7 +58,7 @@ rule classify_cnn:
     wildcard_constraints:
         classifier="cnn",
         fold=r"\d+",
-    threads: CLASSIFY.get("threads", 1)
+    threads: CLASSIFY["threads"]
     resources:
         gpu=1,
     conda:
@@ -76,7 +76,7 @@ rule classify_sklearn:
         model="results/classification/{classifier}/fold-{fold}/classifier.pt",
     params:
         options=classifier_options,
-        seed=CLASSIFY.get("seed", 2018),
+        seed=CLASSIFY["seed"],
     log:
         "results/logs/classify/{classifier}_fold-{fold}.log",
     benchmark:

@@ -20,13 +20,14 @@ os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [f"{workflow.basedir}/
 
 PREPROCESSED = study.PreprocessedLayout(Path("results/preprocessed"))
 SYNTHETIC = Path("results/cohort/synthetic")
-SYNTHETIC_IMAGES = ["inhale", "exhale", "inhale_mask", "exhale_mask", "inhale_landmarks", "exhale_landmarks"]
-SYNTHETIC_SUFFIX = {"inhale_landmarks": ".csv", "exhale_landmarks": ".csv"}
-FIXED_PHASE = config["pairs"].get("fixed_phase", "exhale")
+SYNTHETIC_FILES = {item: f"{item}.nii.gz" for item in ("inhale", "exhale", "inhale_mask", "exhale_mask")}
+SYNTHETIC_FILES |= {item: f"{item}.csv" for item in ("inhale_landmarks", "exhale_landmarks")}
+SYNTHETIC_IMAGES = list(SYNTHETIC_FILES)
+FIXED_PHASE = config["pairs"]["fixed_phase"]
 
 
 def synthetic_path(subject, item):
-    return str(SYNTHETIC / subject / f"{item}{SYNTHETIC_SUFFIX.get(item, '.nii.gz')}")
+    return str(SYNTHETIC / subject / SYNTHETIC_FILES[item])
 
 
 def truth_path(subject):
@@ -36,7 +37,7 @@ def truth_path(subject):
 
 def load_cohort():
     """Subjects with label, input files and split; every input checked before any job runs."""
-    if config.get("subjects"):
+    if config["subjects"]:
         try:
             frame = manifest.read_manifest(config["subjects"])
             validate(frame, "../config/schemas/subjects.schema.yaml")
@@ -48,13 +49,13 @@ def load_cohort():
         for item in SYNTHETIC_IMAGES:
             frame[item] = [synthetic_path(s, item) for s in frame["subject"]]
     split = config["split"]
-    frame["split"] = study.split_subjects(frame, split["n_validation"], split["seed"], split.get("min_subjects", 4))
+    frame["split"] = study.split_subjects(frame, split["n_validation"], split["seed"], split["min_subjects"])
     return frame.reset_index(drop=True)
 
 
 COHORT = load_cohort()
 SUBJECTS = COHORT["subject"].tolist()
-SYNTHETIC_COHORT = not config.get("subjects")
+SYNTHETIC_COHORT = not config["subjects"]
 VARIANTS = config["network"]["variants"]
 PROTOCOLS = config["inference"]["protocols"]
 PAIRS = {protocol: study.protocol_pairs(protocol, COHORT, FIXED_PHASE) for protocol in study.PROTOCOLS}
@@ -69,7 +70,7 @@ wildcard_constraints:
     phase="inhale|exhale",
     protocol=alternatives(study.PROTOCOLS),
     variant=alternatives(NETWORK_METHODS),
-    method=alternatives(["unregistered", *NETWORK_METHODS, *config.get("baselines", {})]),
+    method=alternatives(["unregistered", *NETWORK_METHODS, *config["baselines"]]),
     chunk=r"\d+",
 
 
@@ -80,7 +81,7 @@ def subject_inputs(wildcards):
     """The raw files of one subject (so that a changed file reruns only that subject)."""
     row = COHORT.set_index("subject").loc[wildcards.subject]
     items = ["inhale", "exhale", "inhale_mask", "exhale_mask"]
-    if row.get("inhale_landmarks", ""):
+    if row["inhale_landmarks"]:  # optional: "" (subjects.schema.yaml) when a subject has none
         items += ["inhale_landmarks", "exhale_landmarks"]
     return {item: row[item] for item in items}
 
@@ -100,9 +101,8 @@ def pair_files(pairs):
 
 
 def training_pairs():
-    options = config["network"].get("training_pairs", {})
-    return study.training_pairs(COHORT, FIXED_PHASE, options.get("both_directions", True),
-                                options.get("inter_patient", False))
+    options = config["network"]["training_pairs"]
+    return study.training_pairs(COHORT, FIXED_PHASE, options["both_directions"], options["inter_patient"])
 
 
 def pair_rows(pairs):
@@ -114,13 +114,13 @@ def train_inputs(wildcards):
 
 
 def model_settings(wildcards):
-    return {**config["model"], "affine": wildcards.variant != "proposed_without_affine"}
+    return {**config["model"], "affine": study.METHOD[wildcards.variant].affine}
 
 
 # ------------------------------------------------------------------- registration
 
 
-BASELINES = [m for m, options in config.get("baselines", {}).items() if options.get("enabled", False)]
+BASELINES = [m for m, options in config["baselines"].items() if options["enabled"]]
 BASELINE_KEYS = ("enabled", "protocols", "chunks")  # workflow keys; the rest goes to the method
 
 
@@ -136,9 +136,9 @@ def method_pairs(method, protocol):
 def chunk_count(method, protocol):
     """Chunks of a protocol for a method: the baselines have their own (CPU-bound) chunking."""
     if method in BASELINES:
-        requested = config["baselines"][method].get("chunks", 1)
+        requested = config["baselines"][method]["chunks"]
     else:
-        requested = config["inference"]["chunks"].get(protocol, 1)
+        requested = config["inference"]["chunks"][protocol]
     return study.n_chunks(len(method_pairs(method, protocol)), requested)
 
 
@@ -214,18 +214,18 @@ def baseline_options(wildcards):
 
 # ----------------------------------------------------------------- classification
 
-CLASSIFY = config.get("classify", {})
-CLASSIFY_METHOD = CLASSIFY.get("method", "proposed")
-CLASSIFY_FOLDS = int(CLASSIFY.get("folds", 5))
-CLASSIFY_CLASSIFIERS = list(CLASSIFY.get("classifiers", ["cnn", "logistic"]))
+CLASSIFY = config["classify"]
+CLASSIFY_METHOD = CLASSIFY["method"]
+CLASSIFY_FOLDS = CLASSIFY["folds"]
+CLASSIFY_CLASSIFIERS = CLASSIFY["classifiers"]
 CLASSIFY_LABELLED = study.labelled_subjects(COHORT)
 
 
 def classification_skip_reason():
     """Why this configuration has no classification, or None when it has one."""
-    if not CLASSIFY.get("enabled", True):
+    if not CLASSIFY["enabled"]:
         return "disabled (classify: enabled: false)"
-    if config["inference"].get("save_fields", "intra_patient") == "none":
+    if config["inference"]["save_fields"] == "none":
         return "inference: save_fields is none, so no inhale-exhale field is written"
     problem = study.feasibility(COHORT, CLASSIFY_FOLDS)
     return f"skipped: {problem}" if problem else None
@@ -268,7 +268,7 @@ def classify_mask_files(wildcards):
 
 
 def classifier_options(wildcards):
-    return CLASSIFY.get(wildcards.classifier, {})
+    return CLASSIFY[wildcards.classifier]
 
 
 def classify_fold_predictions(wildcards=None):
@@ -278,17 +278,17 @@ def classify_fold_predictions(wildcards=None):
 
 # ------------------------------------------------------------------------- report
 
-REPORT = config.get("report", {})
-REPORT_METHOD = REPORT.get("method", "proposed")
+REPORT = config["report"]
+REPORT_METHOD = REPORT["method"]
 
 
 def report_pair_folders():
     """{pair name: (pair, its chunk folder)} of the inhale-exhale pairs the report's overlays show."""
     if (REPORT_METHOD, "inhale_exhale") not in method_protocols() or REPORT_METHOD == "unregistered" \
-            or config["inference"].get("save_fields", "intra_patient") == "none":
+            or config["inference"]["save_fields"] == "none":
         logger.warning(f"report: no overlays, {REPORT_METHOD} writes no inhale_exhale pair files in this configuration")
         return {}
-    subjects = REPORT.get("subjects", 3)
+    subjects = REPORT["subjects"]
     if isinstance(subjects, int):
         subjects = study.evaluation_subjects(COHORT)[:subjects]
     unknown = sorted(set(subjects) - set(SUBJECTS))

@@ -41,6 +41,7 @@ def shifted_pair(tmp_path) -> PairFiles:
 
 
 SMALL = ModelSettings(width=0.125)
+PAPER_LOSS = LossSettings(beta=1e-6, mask_weighted=False)  # the paper's loss (no mask needed)
 FAST = TrainSettings(epochs=3, batch_size=1, learning_rate=1e-3, seed=7)
 
 
@@ -49,20 +50,20 @@ def test_gradients_reach_both_branches_and_the_encoder():
     net = RegistrationNet(SMALL)
     moving, fixed = torch.from_numpy(blobs(SHIFT_VOXELS))[None, None], torch.from_numpy(blobs())[None, None]
     out = net(moving, fixed)
-    losses.registration_loss(LossSettings(), fixed, out.warped, out.theta, out.gradients)["loss"].backward()
+    losses.registration_loss(PAPER_LOSS, fixed, out.warped, out.theta, out.gradients)["loss"].backward()
     assert net.deformable.head.weight.grad.abs().sum() > 0
     assert net.linear.conv.weight.grad.abs().sum() > 0
     # The last layers start at zero, so deeper layers see gradients from the second step on.
     torch.optim.SGD(net.parameters(), lr=0.1).step()
     net.zero_grad()
     out = net(moving, fixed)
-    losses.registration_loss(LossSettings(), fixed, out.warped, out.theta, out.gradients)["loss"].backward()
+    losses.registration_loss(PAPER_LOSS, fixed, out.warped, out.theta, out.gradients)["loss"].backward()
     assert net.encoder.layers[0][0].weight.grad.abs().sum() > 0
     assert net.deformable.convs[0][0].weight.grad.abs().sum() > 0
 
 
 def test_short_training_recovers_a_known_shift(shifted_pair):
-    checkpoint, history = train([shifted_pair] * 4, [shifted_pair], SMALL, LossSettings(),
+    checkpoint, history = train([shifted_pair] * 4, [shifted_pair], SMALL, PAPER_LOSS,
                                 TrainSettings(epochs=25, batch_size=2, learning_rate=3e-3, seed=1))
     assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[0]
     net = RegistrationNet(SMALL)
@@ -78,9 +79,9 @@ def test_short_training_recovers_a_known_shift(shifted_pair):
 
 def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(shifted_pair, tmp_path):
     pairs = [shifted_pair] * 3
-    whole, whole_history = train(pairs, [shifted_pair], SMALL, LossSettings(), FAST, tmp_path / "a.pt")
-    train(pairs, [shifted_pair], SMALL, LossSettings(), TrainSettings(**{**FAST.__dict__, "epochs": 1}), tmp_path / "b.pt")
-    resumed, resumed_history = train(pairs, [shifted_pair], SMALL, LossSettings(), FAST, tmp_path / "b.pt")
+    whole, whole_history = train(pairs, [shifted_pair], SMALL, PAPER_LOSS, FAST, tmp_path / "a.pt")
+    train(pairs, [shifted_pair], SMALL, PAPER_LOSS, TrainSettings(**{**FAST.__dict__, "epochs": 1}), tmp_path / "b.pt")
+    resumed, resumed_history = train(pairs, [shifted_pair], SMALL, PAPER_LOSS, FAST, tmp_path / "b.pt")
     assert list(resumed_history["epoch"]) == [1, 2, 3]
     for name, tensor in whole["state_dict"].items():
         assert torch.equal(tensor, resumed["state_dict"][name]), name
@@ -89,8 +90,8 @@ def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(shifted_
 
 
 def test_a_checkpoint_from_other_settings_is_not_resumed(shifted_pair, tmp_path):
-    train([shifted_pair], [shifted_pair], SMALL, LossSettings(), TrainSettings(epochs=1, seed=1), tmp_path / "c.pt")
-    _, history = train([shifted_pair], [shifted_pair], SMALL, LossSettings(), TrainSettings(epochs=1, seed=2), tmp_path / "c.pt")
+    train([shifted_pair], [shifted_pair], SMALL, PAPER_LOSS, TrainSettings(epochs=1, seed=1), tmp_path / "c.pt")
+    _, history = train([shifted_pair], [shifted_pair], SMALL, PAPER_LOSS, TrainSettings(epochs=1, seed=2), tmp_path / "c.pt")
     assert list(history["epoch"]) == [1]  # started over: the seed differs
 
 
@@ -98,7 +99,7 @@ def test_garbage_checkpoint_names_the_file_and_the_remedy(shifted_pair, tmp_path
     path = tmp_path / "broken.pt"
     path.write_bytes(b"\x00not a checkpoint" * 10)
     with pytest.raises(io.CorruptFileError, match="broken.pt.*delete it"):
-        train([shifted_pair], [shifted_pair], SMALL, LossSettings(), FAST, path)
+        train([shifted_pair], [shifted_pair], SMALL, PAPER_LOSS, FAST, path)
 
 
 def test_nan_loss_stops_with_the_epoch_named(shifted_pair, tmp_path):
@@ -108,4 +109,4 @@ def test_nan_loss_stops_with_the_epoch_named(shifted_pair, tmp_path):
     sitk.WriteImage(image_from_array(array, GRID), str(broken))
     pair = PairFiles(shifted_pair.moving_image, str(broken), shifted_pair.moving_mask, shifted_pair.fixed_mask)
     with pytest.raises(FloatingPointError, match="epoch 1, batch 1"):
-        train([pair], [pair], SMALL, LossSettings(), FAST)
+        train([pair], [pair], SMALL, PAPER_LOSS, FAST)

@@ -92,13 +92,14 @@ def gradient_penalty(gradients: torch.Tensor, reduction: str = "mean") -> torch.
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The loss (config ``loss:``)."""
+    """The loss (config ``loss:``). `beta` and `mask_weighted` have no default: the paper's values
+    (1e-6, false) and the CPU-scale study's (config/config.yaml) differ, so the caller says which."""
 
+    beta: float  # weight of ||Phi - Phi_I||_1
+    mask_weighted: bool  # weight the similarity by the fixed lung mask
     similarity: str = "mse"
     alpha: float = 1e-6  # weight of ||A - A_I||_1
-    beta: float = 1e-6  # weight of ||Phi - Phi_I||_1
     regularizer_reduction: str = "mean"
-    mask_weighted: bool = False  # weight the similarity by the fixed lung mask
     mask_margin_voxels: int = 2  # dilate the mask so the lung boundary is inside the weight
 
     @classmethod

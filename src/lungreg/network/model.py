@@ -41,7 +41,7 @@ DEFORMABLE_CHANNELS = (128, 64, 32, 32, 32)
 class ModelSettings:
     """The network's architecture (config ``model:``; the affine switch comes from the method)."""
 
-    width: float = 1.0  # channel multiplier; the paper is 1
+    width: float  # channel multiplier: the paper's 1, or the CPU-sized study's (no default: say which)
     affine: bool = True  # False: the paper's "w/o affine" variant
     maxgrad: float = 2.0
     feature_reduction: int | None = None  # channels of the 1x1x1 reduction (None: paper)
@@ -196,7 +196,7 @@ class DeformableBranch(nn.Module):
 
 
 class RegistrationNet(nn.Module):
-    def __init__(self, settings: ModelSettings = ModelSettings()):
+    def __init__(self, settings: ModelSettings):
         super().__init__()
         self.settings = settings
         self.encoder = Encoder(settings.width)

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class TrainSettings:
     """The training (config ``train:``)."""
 
-    epochs: int = 1000
+    epochs: int  # no default: the paper's runs to early stopping, a CPU study's lasts minutes
     batch_size: int = 2
     learning_rate: float = 1e-3
     plateau_patience: int = 50

@@ -1,0 +1,125 @@
+"""Every default in one place: the schema fills the config, the library agrees with it, the rules
+read config[...] without defaults of their own, and the schema lists what the registries list."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from lungreg.classify.cnn import CnnSettings
+from lungreg.classify.tabular import sklearn_classifier
+from lungreg.config import settings_from
+from lungreg.network.losses import LossSettings
+from lungreg.network.model import Acceleration, ModelSettings
+from lungreg.network.train import TrainSettings
+from lungreg.preprocess import PreprocessSettings
+from lungreg.registration.baselines.registrar import OPTIONS, resolve_options
+from lungreg.study import BASELINE_METHODS, CLASSIFIERS, NETWORK_METHODS, REGIONAL_CLASSIFIERS
+from lungreg.synthetic.settings import SyntheticCohortSettings
+from workflow_runner import REPO
+
+SCHEMA = REPO / "config" / "schemas" / "config.schema.yaml"
+WORKFLOW_KEYS = ("enabled", "protocols", "chunks")  # of a baseline section; the rest goes to the method
+
+
+def effective(config: dict) -> dict:
+    """`config` as the rules see it: validated, the schema's defaults filled in."""
+    validate(config, str(SCHEMA))
+    return config
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return effective(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+
+
+def library_defaults(cls) -> dict:
+    """The defaults a settings dataclass keeps itself (fields without one are not listed)."""
+    defaults = {}
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+    return defaults
+
+
+def assert_library_agrees(cls, section: dict, given: dict | None = None) -> None:
+    """The library builds `cls` from the section, and every default it keeps is the schema's."""
+    settings_from(cls, section, cls.__name__, **(given or {}))
+    differing = {name: (value, section[name]) for name, value in library_defaults(cls).items()
+                 if name in section and value != section[name]}
+    assert not differing, f"{cls.__name__}: library default != workflow default: {differing}"
+
+
+def test_the_library_keeps_no_default_the_schema_does_not_have(config):
+    assert SyntheticCohortSettings.from_config(config["synthetic"]) == SyntheticCohortSettings()
+    assert_library_agrees(PreprocessSettings, config["preprocess"], {"reference_phase": config["pairs"]["fixed_phase"]})
+    assert library_defaults(PreprocessSettings)["reference_phase"] == config["pairs"]["fixed_phase"]
+    assert_library_agrees(ModelSettings, config["model"])
+    assert_library_agrees(LossSettings, config["loss"])
+    assert_library_agrees(TrainSettings, config["train"])
+    assert_library_agrees(CnnSettings, config["classify"]["cnn"])
+    for section in ("train", "inference"):
+        assert Acceleration.from_config(config[section]) == Acceleration()
+    for method, options in OPTIONS.items():
+        section = {k: v for k, v in config["baselines"][method].items() if k not in WORKFLOW_KEYS}
+        assert set(section) == set(library_defaults(options)), method  # every option has its schema default
+        assert_library_agrees(options, section)
+        assert resolve_options(method, section) == resolve_options(method, {}), method
+    for name in REGIONAL_CLASSIFIERS:  # the schema's estimator options change nothing
+        ours, library = sklearn_classifier(name, config["classify"][name], 0), sklearn_classifier(name, {}, 0)
+        assert [type(step) for step in ours] == [type(step) for step in library], name
+        assert ours[-1].get_params() == library[-1].get_params(), name
+
+
+def test_the_knobs_of_the_paper_versus_this_study_have_no_library_default():
+    required = {cls: [f.name for f in dataclasses.fields(cls) if f.name not in library_defaults(cls)]
+                for cls in (ModelSettings, LossSettings, TrainSettings)}
+    assert required == {ModelSettings: ["width"], LossSettings: ["beta", "mask_weighted"], TrainSettings: ["epochs"]}
+
+
+def test_validate_fills_nested_sections_and_defaults_beside_a_ref():
+    minimal = {"subjects": None, "preprocess": {"intensity_range": [0, 1], "factor": 1, "grid_shape": [8, 8, 8]},
+               "split": {"n_validation": 1}, "network": {"variants": ["proposed"]}, "model": {"width": 1},
+               "loss": {"beta": 1e-6, "mask_weighted": False}, "train": {"epochs": 1},
+               "inference": {"protocols": ["inhale_exhale"], "chunks": {"inhale_exhale": 1, "all_combinations": 1,
+                                                                         "cohort": 1}},
+               "threads": {"gpu_jobs": 1, "baselines": 1},
+               "baselines": {m: {"enabled": False} for m in BASELINE_METHODS}, "classify": {"classifiers": ["cnn"]}}
+    config = effective(minimal)
+    assert config["network"]["training_pairs"] == {"both_directions": False, "inter_patient": False}
+    assert config["train"]["compile"] is False and config["inference"]["compile"] is False  # default beside $ref
+    assert config["baselines"]["syn"]["syn_iterations"] == [40, 20, 10]  # its own properties
+    assert config["baselines"]["syn"]["crop_margin_mm"] == 20.0  # the shared ones, through $ref
+    assert config["baselines"]["sitk_demons"]["linear_iterations"] == 200  # both $refs
+    assert config["classify"]["cnn"]["epochs"] == 150 and config["report"] == {"method": "proposed", "subjects": 3}
+    assert config["synthetic"]["n_subjects"] == 41 and config["pairs"]["fixed_phase"] == "exhale"
+
+
+def test_settings_from_refuses_unknown_and_missing_keys_in_one_message():
+    with pytest.raises(ValueError, match=r"^train: unknown key\(s\) epoch .*known keys: .*epochs"):
+        settings_from(TrainSettings, {"epoch": 3}, "train")
+    with pytest.raises(ValueError, match=r"^loss lacks: beta, mask_weighted$"):
+        settings_from(LossSettings, {}, "loss")
+
+
+def test_the_rules_take_no_default_of_their_own():
+    """Defaults live in the schema: no `.get(key, default)` on the config in the rules."""
+    found = []
+    for path in [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk"))]:
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if ".get(" in line and "os.environ.get(" not in line:
+                found.append(f"{path.name}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_the_schema_lists_what_the_registries_list():
+    schema = yaml.safe_load(SCHEMA.read_text())["properties"]
+    assert schema["network"]["properties"]["variants"]["items"]["enum"] == list(NETWORK_METHODS)
+    assert schema["classify"]["properties"]["method"]["enum"] == list(NETWORK_METHODS)
+    assert schema["classify"]["properties"]["classifiers"]["items"]["enum"] == [c.name for c in CLASSIFIERS]
+    assert list(schema["baselines"]["properties"]) == list(BASELINE_METHODS) == list(OPTIONS)
