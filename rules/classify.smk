@@ -2,18 +2,19 @@
 # inhale-exhale registration by the network: stratified k-fold at patient level, one job per
 # (classifier, fold), a shallow 3D CNN and a scikit-learn baseline on the same folds.
 
+
 rule classify_folds:
     localrule: True  # seconds of work: on a cluster, not worth a job
     output:
-        "results/classification/folds.tsv",
+        f"{CLASSIFICATION}/folds.tsv",
     params:
         cohort=CLASSIFY_LABELLED,
         folds=CLASSIFY_FOLDS,
         seed=CLASSIFY["seed"],
     log:
-        "results/logs/classify/folds.log",
+        log_path("classify/folds"),
     benchmark:
-        "results/benchmarks/classify/folds.tsv"
+        benchmark_path("classify/folds")
     conda:
         "../envs/torch.yaml"
     script:
@@ -25,62 +26,38 @@ rule classify_features:
         chunks=classify_chunks,
         masks=classify_mask_files,
     output:
-        fields="results/classification/features/fields.pt",
-        table="results/classification/features/regional_features.tsv",
+        fields=f"{CLASSIFICATION}/features/fields.pt",
+        table=f"{CLASSIFICATION}/features/regional_features.tsv",
     params:
         fields=classify_field_paths(),
         masks=classify_mask_paths(),
         masked=CLASSIFY["masked"],
     log:
-        "results/logs/classify/features.log",
+        log_path("classify/features"),
     benchmark:
-        "results/benchmarks/classify/features.tsv"
+        benchmark_path("classify/features")
     conda:
         "../envs/torch.yaml"
     script:
         "../scripts/classify_features.py"
 
 
-rule classify_cnn:
-    input:
-        folds="results/classification/folds.tsv",
-        features="results/classification/features/fields.pt",
-    output:
-        predictions="results/classification/{classifier}/fold-{fold}/predictions.tsv",
-        model="results/classification/{classifier}/fold-{fold}/classifier.pt",
-    params:
-        options=CLASSIFY["cnn"],
-        seed=CLASSIFY["seed"],
-    log:
-        "results/logs/classify/{classifier}_fold-{fold}.log",
-    benchmark:
-        "results/benchmarks/classify/{classifier}_fold-{fold}.tsv"
-    wildcard_constraints:
-        classifier="cnn",
-        fold=r"\d+",
-    threads: CLASSIFY["threads"]
-    resources:
-        gpu=1,
-    conda:
-        "../envs/torch.yaml"
-    script:
-        "../scripts/classify_fold.py"
-
-
+# One fold job: the classifier trains on the other folds and predicts this one. The classifiers of
+# the regional statistics (scikit-learn) here; the CNN on the fields below, a GPU job.
 rule classify_sklearn:
     input:
-        folds="results/classification/folds.tsv",
-        features="results/classification/features/regional_features.tsv",
+        folds=rules.classify_folds.output[0],
+        features=rules.classify_features.output.table,
     output:
-        predictions="results/classification/{classifier}/fold-{fold}/predictions.tsv",
-        model="results/classification/{classifier}/fold-{fold}/classifier.pt",
+        predictions=f"{FOLD}/predictions.tsv",
+        model=f"{FOLD}/classifier.pt",
     params:
         options=classifier_options,
         seed=CLASSIFY["seed"],
     log:
-        "results/logs/classify/{classifier}_fold-{fold}.log",
+        log_path("classify/{classifier}_fold-{fold}"),
     benchmark:
-        "results/benchmarks/classify/{classifier}_fold-{fold}.tsv"
+        benchmark_path("classify/{classifier}_fold-{fold}")
     wildcard_constraints:
         classifier=alternatives(study.REGIONAL_CLASSIFIERS),
         fold=r"\d+",
@@ -91,28 +68,40 @@ rule classify_sklearn:
         "../scripts/classify_fold.py"
 
 
+use rule classify_sklearn as classify_cnn with:
+    input:
+        folds=rules.classify_folds.output[0],
+        features=rules.classify_features.output.fields,
+    wildcard_constraints:
+        classifier=alternatives(study.FIELD_CLASSIFIERS),
+        fold=r"\d+",
+    threads: CLASSIFY["threads"]
+    resources:
+        gpu=1,
+
+
 rule classify_summary:
     localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         **classify_fold_predictions(),
     output:
         table=report(
-            "results/tables/classification.tsv",
+            table_path("classification"),
             caption="../report/tables/classification.rst",
             category="Tables",
         ),
-        predictions="results/classification/predictions.tsv",
+        predictions=f"{CLASSIFICATION}/predictions.tsv",
         roc=report(
-            "results/classification/roc.png",
+            f"{CLASSIFICATION}/roc.png",
             caption="../report/roc.rst",
             category="Classification",
         ),
     params:
         classifiers=CLASSIFY_CLASSIFIERS,
     log:
-        "results/logs/classify/summary.log",
+        log_path("classify/summary"),
     benchmark:
-        "results/benchmarks/classify/summary.tsv"
+        benchmark_path("classify/summary")
     conda:
         "../envs/torch.yaml"
     script:

@@ -3,16 +3,16 @@
 
 rule synthesize_subject:
     output:
-        **{item: synthetic_path("{subject}", item) for item in SYNTHETIC_IMAGES},
-        truth_exhale="results/cohort/synthetic/{subject}/gt_displacement_fixed-exhale.nii.gz",
-        truth_inhale="results/cohort/synthetic/{subject}/gt_displacement_fixed-inhale.nii.gz",
-        parameters="results/cohort/synthetic/{subject}/parameters.json",
+        **{item: synthetic_path("{subject}", item) for item in SYNTHETIC_FILES},
+        truth_exhale=truth_path("{subject}", "exhale"),
+        truth_inhale=truth_path("{subject}", "inhale"),
+        parameters=f"{SYNTHETIC}/parameters.json",
     params:
         settings=config["synthetic"],
     log:
-        "results/logs/synthesize_subject/{subject}.log",
+        log_path("synthesize_subject/{subject}"),
     benchmark:
-        "results/benchmarks/synthesize_subject/{subject}.tsv"
+        benchmark_path("synthesize_subject/{subject}")
     conda:
         "../envs/imaging.yaml"
     script:
@@ -22,13 +22,13 @@ rule synthesize_subject:
 rule cohort_table:
     localrule: True  # seconds of work: on a cluster, not worth a job
     output:
-        "results/cohort/subjects.tsv",
+        COHORT_TABLE,
     params:
         cohort=COHORT[["subject", "label", "split"]],
     log:
-        "results/logs/cohort_table.log",
+        log_path("cohort_table"),
     benchmark:
-        "results/benchmarks/cohort_table.tsv"
+        benchmark_path("cohort_table")
     conda:
         "../envs/imaging.yaml"
     script:

@@ -1,38 +1,71 @@
-# Sample sheet, wildcard constraints and every input function. Rules hold no logic.
+# Paths, the sample sheet, wildcard constraints and every input function. Rules hold no logic.
+# Planning imports only torch-free library modules (tests/test_architecture.py checks it).
 
 import os
 import re
 from pathlib import Path
 
-import pandas as pd
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
 from lungreg import manifest, study
 from lungreg.io import InputError
-from lungreg.study import NETWORK_METHODS
 from lungreg.synthetic.settings import SyntheticCohortSettings, subject_table
 
 # Jobs import the library from this checkout, also inside --sdm conda environments. (Set with
 # update(): `snakemake --lint` takes an item assignment for a variable the user must define.)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [f"{workflow.basedir}/src", os.environ.get("PYTHONPATH")])))
 
-PREPROCESSED = study.PreprocessedLayout(Path("results/preprocessed"))
-SYNTHETIC = Path("results/cohort/synthetic")
+# ------------------------------------------------------------------------- paths
+# Every results/ path of the workflow, once; the rules and input functions use these names.
+
+COHORT_TABLE = "results/cohort/subjects.tsv"
+SYNTHETIC = "results/cohort/synthetic/{subject}"
 SYNTHETIC_FILES = {item: f"{item}.nii.gz" for item in ("inhale", "exhale", "inhale_mask", "exhale_mask")}
 SYNTHETIC_FILES |= {item: f"{item}.csv" for item in ("inhale_landmarks", "exhale_landmarks")}
-SYNTHETIC_IMAGES = list(SYNTHETIC_FILES)
-FIXED_PHASE = config["pairs"]["fixed_phase"]
+PREPROCESSED = study.PreprocessedLayout(Path("results/preprocessed"))
+IMAGE_INDEX = "results/preprocessed/{protocol}_images.tsv"
+MODEL = "results/model/{variant}"
+CHUNK = "results/registration/{method}/{protocol}/chunk-{chunk}"  # a folder; {CHUNK}_metrics.tsv beside it
+TABLE = "results/tables/{table}.tsv"
+CLASSIFICATION = "results/classification"
+FOLD = "results/classification/{classifier}/fold-{fold}"
+FIGURES = "results/report"
+
+
+def log_path(name):
+    return f"results/logs/{name}.log"
+
+
+def benchmark_path(name):
+    return f"results/benchmarks/{name}.tsv"
 
 
 def synthetic_path(subject, item):
-    return str(SYNTHETIC / subject / SYNTHETIC_FILES[item])
+    return f"{SYNTHETIC.format(subject=subject)}/{SYNTHETIC_FILES[item]}"
 
 
-def truth_path(subject):
+def truth_path(subject, phase=None):
     """Ground-truth field of a synthetic subject's own pair, on the fixed phase's grid."""
-    return str(SYNTHETIC / subject / f"gt_displacement_fixed-{FIXED_PHASE}.nii.gz")
+    return f"{SYNTHETIC.format(subject=subject)}/gt_displacement_fixed-{phase or FIXED_PHASE}.nii.gz"
+
+
+def model_path(variant):
+    return f"{MODEL.format(variant=variant)}/model.pt"
+
+
+def chunk_path(method, protocol, chunk):
+    return CHUNK.format(method=method, protocol=protocol, chunk=chunk)
+
+
+def table_path(table):
+    return TABLE.format(table=table)
+
+
+# ----------------------------------------------------------------- the cohort
+
+FIXED_PHASE = config["pairs"]["fixed_phase"]
 
 
 def load_cohort():
@@ -46,7 +79,7 @@ def load_cohort():
             raise WorkflowError(f"bad input: {error}") from None
     else:
         frame = subject_table(SyntheticCohortSettings.from_config(config["synthetic"]))
-        for item in SYNTHETIC_IMAGES:
+        for item in SYNTHETIC_FILES:
             frame[item] = [synthetic_path(s, item) for s in frame["subject"]]
     split = config["split"]
     frame["split"] = study.split_subjects(frame, split["n_validation"], split["seed"], split["min_subjects"])
@@ -59,18 +92,21 @@ SYNTHETIC_COHORT = not config["subjects"]
 VARIANTS = config["network"]["variants"]
 PROTOCOLS = config["inference"]["protocols"]
 PAIRS = {protocol: study.protocol_pairs(protocol, COHORT, FIXED_PHASE) for protocol in study.PROTOCOLS}
+BASELINES = [m for m, options in config["baselines"].items() if options["enabled"]]
+BASELINE_KEYS = ("enabled", "protocols", "chunks")  # workflow keys; the rest goes to the method
 
 
 def alternatives(values):
-    return "|".join(re.escape(v) for v in values)
+    """A wildcard constraint matching exactly `values` (nothing when there are none)."""
+    return "|".join(re.escape(v) for v in values) if values else "^$"
 
 
 wildcard_constraints:
     subject=alternatives(SUBJECTS),
     phase="inhale|exhale",
     protocol=alternatives(study.PROTOCOLS),
-    variant=alternatives(NETWORK_METHODS),
-    method=alternatives(["unregistered", *NETWORK_METHODS, *config["baselines"]]),
+    variant=alternatives(study.NETWORK_METHODS),
+    method=alternatives([m.name for m in study.METHODS]),
     chunk=r"\d+",
 
 
@@ -120,10 +156,6 @@ def model_settings(wildcards):
 # ------------------------------------------------------------------- registration
 
 
-BASELINES = [m for m, options in config["baselines"].items() if options["enabled"]]
-BASELINE_KEYS = ("enabled", "protocols", "chunks")  # workflow keys; the rest goes to the method
-
-
 def method_pairs(method, protocol):
     """The network registers every subject's own pair (the classifier needs them all); the
     classical baselines, which only feed the tables, register the evaluation subjects' pairs."""
@@ -147,16 +179,18 @@ def chunk_pairs(wildcards):
     return study.chunk_pairs(method_pairs(wildcards.method, wildcards.protocol), count, int(wildcards.chunk))
 
 
+def chunks_of(method, protocol):
+    """(chunk folder, its pairs) of every chunk of a method's protocol."""
+    pairs, count = method_pairs(method, protocol), chunk_count(method, protocol)
+    return [(chunk_path(method, protocol, c), study.chunk_pairs(pairs, count, c)) for c in range(count)]
+
+
 # A chunk of an inter-patient protocol reads the fixed images of every subject of the protocol,
 # so listing them per chunk would make planning O(chunks x subjects) input files (40 000 pairs of
 # the cohort protocol in 64 chunks: ~80 000 DAG edges, ~30 s). Such a chunk depends instead on
 # one table of the protocol's preprocessed images (rule image_index), written once after all of
 # them: planning is O(chunks + subjects).
 INTER_PATIENT_PROTOCOLS = ("all_combinations", "cohort")
-
-
-def image_index(protocol):
-    return f"results/preprocessed/{protocol}_images.tsv"
 
 
 def protocol_images(protocol):
@@ -177,7 +211,7 @@ def image_index_rows(wildcards):
 def chunk_inputs(wildcards):
     pairs = chunk_pairs(wildcards)
     if wildcards.protocol in INTER_PATIENT_PROTOCOLS:
-        files = [image_index(wildcards.protocol)]
+        files = [IMAGE_INDEX.format(protocol=wildcards.protocol)]
     else:
         files = pair_files(pairs)
     if SYNTHETIC_COHORT:
@@ -192,6 +226,10 @@ def chunk_truth(wildcards):
     return {p.fixed_subject: truth_path(p.fixed_subject) for p in chunk_pairs(wildcards) if p.intra_patient}
 
 
+def chunk_pair_rows(wildcards):
+    return pair_rows(chunk_pairs(wildcards))
+
+
 def method_protocols():
     """(method, protocol) for every registration the configuration asks for."""
     chosen = [(m, p) for m in ["unregistered", *VARIANTS] for p in PROTOCOLS]
@@ -200,12 +238,8 @@ def method_protocols():
 
 
 def registration_results(kind):
-    return [f"results/registration/{m}/{p}/chunk-{c}_{kind}.tsv"
-            for m, p in method_protocols() for c in range(chunk_count(m, p))]
-
-
-def method_name(wildcards):
-    return wildcards.method
+    """The `kind` (metrics or landmarks) table of every chunk of every registration."""
+    return [f"{folder}_{kind}.tsv" for m, p in method_protocols() for folder, _ in chunks_of(m, p)]
 
 
 def baseline_options(wildcards):
@@ -240,18 +274,15 @@ def classification_outputs(wildcards=None):
     """Final files of the classification; empty when it is disabled or the cohort is too small."""
     if CLASSIFY_SKIP:
         return []
-    return ["results/classification/folds.tsv", "results/tables/classification.tsv",
-            "results/classification/predictions.tsv", "results/classification/roc.png"]
+    return [f"{CLASSIFICATION}/folds.tsv", table_path("classification"), f"{CLASSIFICATION}/predictions.tsv",
+            f"{CLASSIFICATION}/roc.png"]
 
 
 def classify_field_paths(wildcards=None):
     """subject -> its inhale-exhale displacement field, inside the chunk folder that writes it."""
-    pairs = method_pairs(CLASSIFY_METHOD, "inhale_exhale")
-    count = chunk_count(CLASSIFY_METHOD, "inhale_exhale")
     labelled = set(CLASSIFY_LABELLED["subject"])
-    folder = f"results/registration/{CLASSIFY_METHOD}/inhale_exhale"
-    return {p.fixed_subject: f"{folder}/chunk-{c}/{p.name}/displacement.nii.gz"
-            for c in range(count) for p in study.chunk_pairs(pairs, count, c) if p.fixed_subject in labelled}
+    return {p.fixed_subject: f"{folder}/{p.name}/displacement.nii.gz"
+            for folder, pairs in chunks_of(CLASSIFY_METHOD, "inhale_exhale") for p in pairs if p.fixed_subject in labelled}
 
 
 def classify_chunks(wildcards):
@@ -272,14 +303,13 @@ def classifier_options(wildcards):
 
 
 def classify_fold_predictions(wildcards=None):
-    return {c: [f"results/classification/{c}/fold-{k}/predictions.tsv" for k in range(CLASSIFY_FOLDS)]
+    return {c: [f"{FOLD.format(classifier=c, fold=k)}/predictions.tsv" for k in range(CLASSIFY_FOLDS)]
             for c in CLASSIFY_CLASSIFIERS}
 
 
 # ------------------------------------------------------------------------- report
 
-REPORT = config["report"]
-REPORT_METHOD = REPORT["method"]
+REPORT_METHOD = config["report"]["method"]
 
 
 def report_pair_folders():
@@ -288,16 +318,13 @@ def report_pair_folders():
             or config["inference"]["save_fields"] == "none":
         logger.warning(f"report: no overlays, {REPORT_METHOD} writes no inhale_exhale pair files in this configuration")
         return {}
-    subjects = REPORT["subjects"]
+    subjects = config["report"]["subjects"]
     if isinstance(subjects, int):
         subjects = study.evaluation_subjects(COHORT)[:subjects]
     unknown = sorted(set(subjects) - set(SUBJECTS))
     if unknown:
         raise WorkflowError(f"report: subjects: unknown subject(s) {', '.join(unknown)}")
-    pairs = method_pairs(REPORT_METHOD, "inhale_exhale")
-    count = chunk_count(REPORT_METHOD, "inhale_exhale")
-    folder = f"results/registration/{REPORT_METHOD}/inhale_exhale"
-    found = {p.fixed_subject: (p, f"{folder}/chunk-{c}") for c in range(count) for p in study.chunk_pairs(pairs, count, c)}
+    found = {p.fixed_subject: (p, folder) for folder, pairs in chunks_of(REPORT_METHOD, "inhale_exhale") for p in pairs}
     return {found[s][0].name: found[s] for s in subjects if s in found}
 
 
@@ -319,16 +346,16 @@ def report_pair_folder(wildcards):
 def report_tables(wildcards=None):
     """Every table of results/tables/ by name."""
     names = TABLES + (["classification"] if classification_outputs() else [])
-    return {name: f"results/tables/{name}.tsv" for name in names}
+    return {name: table_path(name) for name in names}
 
 
 def report_outputs(wildcards=None):
     """The report's figures (snakemake --report): overlays and a Jacobian map, boxplots, tables page."""
     pairs = list(REPORT_PAIRS)
     return (
-        [f"results/report/overlays/{REPORT_METHOD}/{p}.png" for p in pairs]
-        + [f"results/report/jacobian/{REPORT_METHOD}/{p}.png" for p in pairs[:1]]
-        + ["results/report/dice.png", "results/report/landmark_errors.png", "results/report/tables.html"]
+        [f"{FIGURES}/overlays/{REPORT_METHOD}/{p}.png" for p in pairs]
+        + [f"{FIGURES}/jacobian/{REPORT_METHOD}/{p}.png" for p in pairs[:1]]
+        + [f"{FIGURES}/dice.png", f"{FIGURES}/landmark_errors.png", f"{FIGURES}/tables.html"]
     )
 
 
@@ -339,13 +366,9 @@ TABLES = ["pairs", "landmarks", "table1_dice", "table2_landmarks", "jacobian", "
 
 def final_outputs(wildcards=None):
     return (
-        ["results/cohort/subjects.tsv"]
-        + [f"results/model/{v}/model.pt" for v in VARIANTS]
-        + [f"results/tables/{t}.tsv" for t in TABLES]
+        [COHORT_TABLE]
+        + [model_path(v) for v in VARIANTS]
+        + [table_path(t) for t in TABLES]
         + classification_outputs()
         + report_outputs()
     )
-
-
-def chunk_pair_rows(wildcards):
-    return pair_rows(chunk_pairs(wildcards))

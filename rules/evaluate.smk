@@ -4,18 +4,18 @@
 rule tables:
     localrule: True  # seconds of work: on a cluster, not worth a job
     input:
-        cohort="results/cohort/subjects.tsv",
+        cohort=rules.cohort_table.output[0],
         metrics=registration_results("metrics"),
         landmarks=registration_results("landmarks"),
     output:
         **{
-            table: report(f"results/tables/{table}.tsv", caption=f"../report/tables/{table}.rst", category="Tables")
+            table: report(table_path(table), caption=f"../report/tables/{table}.rst", category="Tables")
             for table in TABLES
         },
     log:
-        "results/logs/tables.log",
+        log_path("tables"),
     benchmark:
-        "results/benchmarks/tables.tsv"
+        benchmark_path("tables")
     conda:
         "../envs/torch.yaml"
     script:

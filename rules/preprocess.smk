@@ -6,17 +6,17 @@ rule preprocess:
         unpack(subject_inputs),
     output:
         **{
-            f"{phase}_{item}": f"results/preprocessed/{{subject}}/{phase}_{item}{suffix}"
+            f"{phase}_{item}": str(getattr(PREPROCESSED, item)("{subject}", phase))
             for phase in ("inhale", "exhale")
-            for item, suffix in (("image", ".nii.gz"), ("mask", ".nii.gz"), ("landmarks", ".csv"))
+            for item in ("image", "mask", "landmarks")
         },
     params:
         settings=config["preprocess"],
         reference_phase=FIXED_PHASE,
     log:
-        "results/logs/preprocess/{subject}.log",
+        log_path("preprocess/{subject}"),
     benchmark:
-        "results/benchmarks/preprocess/{subject}.tsv"
+        benchmark_path("preprocess/{subject}")
     conda:
         "../envs/imaging.yaml"
     script:
@@ -30,13 +30,13 @@ rule image_index:
     input:
         image_index_inputs,
     output:
-        "results/preprocessed/{protocol}_images.tsv",
+        IMAGE_INDEX,
     params:
         rows=image_index_rows,
     log:
-        "results/logs/image_index/{protocol}.log",
+        log_path("image_index/{protocol}"),
     benchmark:
-        "results/benchmarks/image_index/{protocol}.tsv"
+        benchmark_path("image_index/{protocol}")
     localrule: True
     conda:
         "../envs/imaging.yaml"

@@ -1,56 +1,42 @@
 # Register every pair of a protocol, in chunks (one job per chunk, never one per pair), and
-# score each pair with the same evaluation code for every method.
-
-
-rule register_network:
-    input:
-        model="results/model/{method}/model.pt",
-        pairs=chunk_inputs,
-    output:
-        folder=directory("results/registration/{method}/{protocol}/chunk-{chunk}"),
-        metrics="results/registration/{method}/{protocol}/chunk-{chunk}_metrics.tsv",
-        landmarks="results/registration/{method}/{protocol}/chunk-{chunk}_landmarks.tsv",
-    params:
-        method=method_name,
-        pairs=chunk_pair_rows,
-        truth=chunk_truth,
-        preprocessed=str(PREPROCESSED.root),
-        inference=config["inference"],
-    log:
-        "results/logs/register/{method}_{protocol}_{chunk}.log",
-    benchmark:
-        "results/benchmarks/register/{method}_{protocol}_{chunk}.tsv"
-    threads: config["threads"]["gpu_jobs"]
-    wildcard_constraints:
-        method=alternatives(NETWORK_METHODS),
-    resources:
-        gpu=1,
-    conda:
-        "../envs/torch.yaml"
-    script:
-        "../scripts/register_chunk.py"
+# score each pair with the same evaluation code for every method. One rule: the identity
+# ("unregistered") here, the network variants below and the classical baselines
+# (rules/baselines.smk) are the same rule with their own inputs, threads, resources and
+# environment.
 
 
 rule register_unregistered:
     input:
         pairs=chunk_inputs,
     output:
-        folder=directory("results/registration/{method}/{protocol}/chunk-{chunk}"),
-        metrics="results/registration/{method}/{protocol}/chunk-{chunk}_metrics.tsv",
-        landmarks="results/registration/{method}/{protocol}/chunk-{chunk}_landmarks.tsv",
+        folder=directory(CHUNK),
+        metrics=f"{CHUNK}_metrics.tsv",
+        landmarks=f"{CHUNK}_landmarks.tsv",
     params:
-        method=method_name,
         pairs=chunk_pair_rows,
         truth=chunk_truth,
         preprocessed=str(PREPROCESSED.root),
         inference={**config["inference"], "save_fields": "none"},
     log:
-        "results/logs/register/{method}_{protocol}_{chunk}.log",
+        log_path("register/{method}_{protocol}_{chunk}"),
     benchmark:
-        "results/benchmarks/register/{method}_{protocol}_{chunk}.tsv"
+        benchmark_path("register/{method}_{protocol}_{chunk}")
     wildcard_constraints:
         method="unregistered",
     conda:
         "../envs/torch.yaml"
     script:
         "../scripts/register_chunk.py"
+
+
+use rule register_unregistered as register_network with:
+    input:
+        model=model_path("{method}"),
+        pairs=chunk_inputs,
+    params:
+        inference=config["inference"],
+    threads: config["threads"]["gpu_jobs"]
+    resources:
+        gpu=1,
+    wildcard_constraints:
+        method=alternatives(study.NETWORK_METHODS),

@@ -10,67 +10,60 @@ rule report_overlay:
         unpack(report_pair_inputs),
     output:
         report(
-            "results/report/overlays/{method}/{pair}.png",
+            f"{FIGURES}/overlays/{{method}}/{{pair}}.png",
             caption="../report/overlay.rst",
             category="Registration overlays",
             labels={"method": "{method}", "pair": "{pair}"},
         ),
     params:
+        figure="overlay",
         pair_folder=report_pair_folder,
     log:
-        "results/logs/report/overlay_{method}_{pair}.log",
+        log_path("report/overlay_{method}_{pair}"),
     benchmark:
-        "results/benchmarks/report/overlay_{method}_{pair}.tsv"
+        benchmark_path("report/overlay_{method}_{pair}")
     wildcard_constraints:
-        pair=alternatives(REPORT_PAIRS) if REPORT_PAIRS else "^$",
+        pair=alternatives(REPORT_PAIRS),
     conda:
         "../envs/torch.yaml"
     script:
-        "../scripts/report_overlay.py"
+        "../scripts/report_pair.py"
 
 
-rule report_jacobian:
-    localrule: True  # seconds of work: on a cluster, not worth a job
-    input:
-        unpack(report_pair_inputs),
+use rule report_overlay as report_jacobian with:
+    localrule: True  # not inherited by `use rule`
     output:
         report(
-            "results/report/jacobian/{method}/{pair}.png",
+            f"{FIGURES}/jacobian/{{method}}/{{pair}}.png",
             caption="../report/jacobian.rst",
             category="Jacobian determinant",
             labels={"method": "{method}", "pair": "{pair}"},
         ),
     params:
-        pair_folder=report_pair_folder,
+        figure="jacobian",
     log:
-        "results/logs/report/jacobian_{method}_{pair}.log",
+        log_path("report/jacobian_{method}_{pair}"),
     benchmark:
-        "results/benchmarks/report/jacobian_{method}_{pair}.tsv"
-    wildcard_constraints:
-        pair=alternatives(REPORT_PAIRS) if REPORT_PAIRS else "^$",
-    conda:
-        "../envs/torch.yaml"
-    script:
-        "../scripts/report_jacobian.py"
+        benchmark_path("report/jacobian_{method}_{pair}")
 
 
 rule report_boxplots:
     localrule: True  # seconds of work: on a cluster, not worth a job
     input:
-        pairs="results/tables/pairs.tsv",
-        landmarks="results/tables/landmarks.tsv",
-        cohort="results/cohort/subjects.tsv",
+        pairs=rules.tables.output.pairs,
+        landmarks=rules.tables.output.landmarks,
+        cohort=rules.cohort_table.output[0],
     output:
-        dice=report("results/report/dice.png", caption="../report/dice.rst", category="Dice"),
+        dice=report(f"{FIGURES}/dice.png", caption="../report/dice.rst", category="Dice"),
         landmarks=report(
-            "results/report/landmark_errors.png",
+            f"{FIGURES}/landmark_errors.png",
             caption="../report/landmark_errors.rst",
             category="Landmark errors",
         ),
     log:
-        "results/logs/report/boxplots.log",
+        log_path("report/boxplots"),
     benchmark:
-        "results/benchmarks/report/boxplots.tsv"
+        benchmark_path("report/boxplots")
     conda:
         "../envs/torch.yaml"
     script:
@@ -82,11 +75,11 @@ rule report_tables:
     input:
         **report_tables(),
     output:
-        report("results/report/tables.html", caption="../report/tables.rst", category="Tables"),
+        report(f"{FIGURES}/tables.html", caption="../report/tables.rst", category="Tables"),
     log:
-        "results/logs/report/tables.log",
+        log_path("report/tables"),
     benchmark:
-        "results/benchmarks/report/tables.tsv"
+        benchmark_path("report/tables")
     conda:
         "../envs/torch.yaml"
     script:

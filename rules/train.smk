@@ -5,10 +5,10 @@ rule train:
     input:
         train_inputs,
     output:
-        model="results/model/{variant}/model.pt",
-        log_table="results/model/{variant}/training_log.tsv",
+        model=model_path("{variant}"),
+        log_table=f"{MODEL}/training_log.tsv",
         curve=report(
-            "results/model/{variant}/training_curve.png",
+            f"{MODEL}/training_curve.png",
             caption="../report/training_curve.rst",
             category="Training",
             labels={"variant": "{variant}"},
@@ -17,15 +17,15 @@ rule train:
         train_pairs=pair_rows(training_pairs()),
         validation_pairs=pair_rows(study.validation_pairs(COHORT, FIXED_PHASE)),
         preprocessed=str(PREPROCESSED.root),
-        checkpoint="results/model/{variant}/checkpoint.pt",
+        checkpoint=f"{MODEL}/checkpoint.pt",
         model=model_settings,
         loss=config["loss"],
         train=config["train"],
         preprocess=config["preprocess"],
     log:
-        "results/logs/train/{variant}.log",
+        log_path("train/{variant}"),
     benchmark:
-        "results/benchmarks/train/{variant}.tsv"
+        benchmark_path("train/{variant}")
     threads: config["threads"]["gpu_jobs"]
     resources:
         gpu=1,

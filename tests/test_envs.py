@@ -8,9 +8,7 @@ parsing rules/*.smk: that sees rules built in loops, unpack()/report() wrappers 
 from __future__ import annotations
 
 import ast
-import json
 import re
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflow_runner import REPO, copy_workflow, snakemake
+from workflow_runner import REPO, copy_workflow, snakemake, workflow_rules
 
 # conda-forge names that differ from the PyPI names pyproject.toml uses (canonical, lower case)
 CONDA_TO_PIP = {"pytorch": "torch", "pytorch-cpu": "torch", "pytorch-gpu": "torch", "simpleitk": "simpleitk",
@@ -30,27 +28,6 @@ MODULE_TO_PIP = {"SimpleITK": "simpleitk", "sklearn": "scikit-learn", "yaml": "p
 PROVIDED = {"snakemake", "lungreg"}
 NOT_PACKAGES = {"python", "pip"}
 
-RULES_SCRIPT = """
-import json, sys
-from pathlib import Path
-from snakemake.api import SnakemakeApi
-from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
-
-with SnakemakeApi(OutputSettings()) as api:
-    workflow = api.workflow(resource_settings=ResourceSettings(), config_settings=ConfigSettings(),
-                            snakefile=Path("Snakefile").resolve(), workdir=Path.cwd())._workflow
-    rules = {}
-    for rule in workflow.rules:
-        folder = Path(rule.snakefile).parent
-        rules[rule.name] = {
-            "action": not rule.norun,
-            "conda": str((folder / rule.conda_env).resolve()) if isinstance(rule.conda_env, str) else rule.conda_env,
-            "script": str((folder / rule.script).resolve()) if rule.script else None,
-            "log": [str(f) for f in rule.log],
-            "benchmark": None if rule.benchmark is None else str(rule.benchmark),
-        }
-print("RULES-JSON " + json.dumps(rules))
-"""
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -181,11 +158,7 @@ def workflow_copy(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rules(workflow_copy) -> dict[str, dict]:
-    result = subprocess.run([sys.executable, "-c", RULES_SCRIPT], cwd=workflow_copy, capture_output=True,
-                            text=True, timeout=300)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RULES-JSON ")]
-    assert result.returncode == 0 and lines, f"loading the workflow failed:\n{result.stderr[-4000:]}"
-    loaded = json.loads(lines[-1].removeprefix("RULES-JSON "))
+    loaded = workflow_rules(workflow_copy)
     assert len(loaded) > 10
     return loaded
 

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from lungreg.evaluate import TIMING_COLUMNS
-from workflow_runner import REPO, TINY, copy_workflow, job_counts
+from workflow_runner import REPO, TINY, copy_workflow, job_counts, workflow_rules
 
 pytestmark = pytest.mark.slurm
 
@@ -59,28 +59,14 @@ def point_profile_at(profile: Path, account: str, partition: str) -> None:
     profile.write_text(text)
 
 
-def workflow_sources(workdir: Path) -> list[str]:
-    return [source.read_text() for source in [workdir / "Snakefile", *sorted((workdir / "rules").glob("*.smk"))]]
-
-
-def rule_bodies(workdir: Path) -> dict[str, str]:
-    return {name: body for text in workflow_sources(workdir)
-            for name, body in re.findall(r"^rule (\w+):\n((?:[ \t]+.*\n|\n)*)", text, re.M)}
-
-
 def local_rules(workdir: Path) -> set[str]:
-    """Rules Snakemake runs itself instead of submitting: `all` and any `localrules`."""
-    rules = {"all"}
-    for text in workflow_sources(workdir):
-        for names in re.findall(r"^localrules:\s*(.+)$", text, re.M):
-            rules |= {n.strip() for n in names.split(",") if n.strip()}
-    return rules | {name for name, body in rule_bodies(workdir).items() if re.search(r"^\s+localrule:\s*True", body, re.M)}
+    """Rules Snakemake runs itself instead of submitting: `all`, `localrules` and `localrule: True`."""
+    return {name for name, rule in workflow_rules(workdir).items() if rule["local"]}
 
 
 def workflow_gpu_rules(workdir: Path) -> set[str]:
-    """Rules with `resources: gpu=...` in rules/*.smk."""
-    return {name for name, body in rule_bodies(workdir).items()
-            if re.search(r"^\s+resources:\s*\n(?:\s+\w+=.*\n)*?\s+gpu=", body, re.M)}
+    """Rules with `resources: gpu=...` (their own or through `use rule ... with:`)."""
+    return {name for name, rule in workflow_rules(workdir).items() if rule["gpu"]}
 
 
 def profile_gpu_rules(profile: Path) -> set[str]:
@@ -130,8 +116,11 @@ def slurm_study(local_slurm, tmp_path_factory, request):
     workdir = copy_workflow(tmp_path_factory.mktemp("slurm_study"))
     profile = workdir / "profiles" / "slurm" / "config.yaml"
     point_profile_at(profile, local_slurm.account, local_slurm.partition)
-    # the README's command; jobs run `sys.executable -m snakemake` (sbatch --export=ALL)
-    command = [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--configfile", str(TINY)]
+    # the README's command; jobs run `sys.executable -m snakemake` (sbatch --export=ALL). Every job's
+    # scheduler output goes to a temporary folder, never into the checkout.
+    job_output = tmp_path_factory.mktemp("slurm_job_output")
+    command = [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--configfile", str(TINY),
+               "--slurm-logdir", str(job_output)]
     start = time.monotonic()
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=3600)
     seconds = time.monotonic() - start
@@ -148,7 +137,8 @@ def slurm_study(local_slurm, tmp_path_factory, request):
     with capture.global_and_fixture_disabled():  # shown without -s
         print(f"\nSLURM run of the tiny study: {seconds:.0f} s wall time, {len(submitted)} jobs submitted through "
               f"SLURM ({len(jobs)} jobs listed by squeue)", flush=True)
-    return SimpleNamespace(workdir=workdir, profile=profile, log=log, submitted=submitted, jobs=jobs, seconds=seconds)
+    return SimpleNamespace(workdir=workdir, profile=profile, log=log, submitted=submitted, jobs=jobs, seconds=seconds,
+                           job_output=job_output)
 
 
 def test_skip_reason_names_what_is_missing(monkeypatch):
@@ -184,6 +174,12 @@ def test_gpu_rules_asked_slurm_for_one_gpu_and_cpu_rules_for_none(slurm_study):
     requested = {(rule_of(logfile), tres.get(slurm_id, "not listed")) for _, slurm_id, logfile in slurm_study.submitted}
     assert requested == {(rule, "gres:gpu:1" if rule in gpu else "N/A") for rule, _ in requested}
     assert {rule for rule, _ in requested} >= gpu  # the tiny study has every GPU rule
+
+
+def test_job_output_goes_to_a_temporary_folder_not_the_checkout(slurm_study):
+    assert all(Path(logfile).is_relative_to(slurm_study.job_output) for _, _, logfile in slurm_study.submitted)
+    stray = [p for folder in (REPO, SCRIPTS, slurm_study.workdir) for p in folder.glob("slurm-*.out")]
+    assert not stray, f"scheduler output outside the temporary folder: {stray}"
 
 
 def test_slurm_tables_equal_the_local_run(slurm_study, request):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -50,3 +51,40 @@ def job_counts(output: str) -> dict[str, int]:
         elif inside and counts and not line.strip():
             inside = False
     return counts
+
+
+RULES_SCRIPT = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+with SnakemakeApi(OutputSettings()) as api:
+    workflow = api.workflow(resource_settings=ResourceSettings(), config_settings=ConfigSettings(),
+                            snakefile=Path("Snakefile").resolve(), workdir=Path.cwd())._workflow
+    rules = {}
+    for rule in workflow.rules:
+        folder = Path(rule.snakefile).parent
+        gpu = rule.resources.get("gpu")
+        rules[rule.name] = {
+            "action": not rule.norun,
+            "conda": str((folder / rule.conda_env).resolve()) if isinstance(rule.conda_env, str) else rule.conda_env,
+            "script": str((folder / rule.script).resolve()) if rule.script else None,
+            "log": [str(f) for f in rule.log],
+            "benchmark": None if rule.benchmark is None else str(rule.benchmark),
+            "local": rule.name in workflow._localrules or rule.norun,
+            "gpu": gpu.value if gpu is not None and isinstance(gpu.value, int) else None,
+        }
+print("RULES-JSON " + json.dumps(rules))
+"""
+
+
+def workflow_rules(workdir: Path) -> dict[str, dict]:
+    """Every rule of the workflow in `workdir` as Snakemake itself reads it (in a subprocess): its
+    conda env, script, log, benchmark, whether it runs locally and the GPUs it asks for. Rules built
+    with `use rule ... with:`, in loops or by includes are all there, unlike a parse of rules/*.smk."""
+    result = subprocess.run([sys.executable, "-c", RULES_SCRIPT], cwd=workdir, capture_output=True, text=True,
+                            timeout=300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RULES-JSON ")]
+    assert result.returncode == 0 and lines, f"loading the workflow failed:\n{result.stderr[-4000:]}"
+    return json.loads(lines[-1].removeprefix("RULES-JSON "))

@@ -218,6 +218,17 @@ def jacobian_figure(pair_folder: str | Path, fixed_image: str | Path, fixed_mask
                  title or f"Jacobian determinant, {Path(pair_folder).name}")
 
 
+def pair_figure(kind: str, pair_folder: str | Path, fixed_image: str | Path, moving_image: str | Path,
+                fixed_mask: str | Path, path: str | Path, label: str) -> None:
+    """A report figure of one registered pair: its `overlay` or its `jacobian` map (label: "method: pair")."""
+    if kind == "overlay":
+        overlay_figure(pair_folder, fixed_image, moving_image, fixed_mask, path, label)
+    elif kind == "jacobian":
+        jacobian_figure(pair_folder, fixed_image, fixed_mask, path, f"Jacobian determinant, {label}")
+    else:
+        raise ValueError(f"unknown pair figure {kind!r}: expected overlay or jacobian")
+
+
 def evaluation_figures(pairs_table: str | Path, landmarks_table: str | Path, cohort_table: str | Path,
                        dice_path: str | Path, landmarks_path: str | Path) -> None:
     """Dice and landmark-error boxplots from the workflow's tables."""

@@ -38,6 +38,10 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   fi
 fi
 
+# the daemons (and anything a job writes relative to them) work in a folder of their own, never
+# in the caller's folder (a checkout): /tmp/lungreg-slurm
+mkdir -p /tmp/lungreg-slurm && cd /tmp/lungreg-slurm || fail 4 "cannot enter /tmp/lungreg-slurm"
+
 # a previous run of this script that was not stopped: stop what it started first
 "$HERE/stop-local-slurm.sh" >/dev/null 2>&1 || true
 : > "$STARTED"
