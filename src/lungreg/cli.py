@@ -2,8 +2,7 @@
 
     lungreg register --model results/model/proposed/model.pt fixed.nii.gz moving.nii.gz --out DIR
 
-The outputs are the workflow's own pair files (`registration.chunk.write_pair_files`), so that what
-works on results/registration/.../<pair>/ works on DIR (tests/test_interop.py, tests/test_cli.py).
+The arguments, the help and the one-line errors; the work is `registration.pair.register_pair`.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-
-import numpy as np
 
 REGISTER_HELP = """\
 Register MOVING onto FIXED with a trained lungreg network. Both images are first preprocessed
@@ -59,14 +56,6 @@ Bad input (missing or unreadable file, not a 3-D scalar image, NaN voxels, a mas
 image's grid, a model file without preprocessing settings) stops with one line and exit code 1.
 """
 
-OUTPUT_NAMES = ("displacement.nii.gz", "affine.tfm", "warped.nii.gz", "warped_original.nii.gz", "warped_mask.nii.gz",
-                "fixed_landmarks_in_moving.csv")
-
-
-class CommandError(Exception):
-    """A bad argument or input file, reported in one line."""
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungreg", description="Lung registration with a 3D CNN (lungreg).")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,163 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ----------------------------------------------------------------------------- inputs
-
-
-def _load_model_file(path: Path) -> dict:
-    from . import io, torch_io
-
-    if not path.is_file():
-        raise CommandError(f"{path}: model file not found")
-    try:
-        checkpoint = torch_io.load_torch(path)
-    except io.CorruptFileError as error:
-        raise CommandError(f"{path}: not a readable lungreg model ({error.reason})") from None
-    if not isinstance(checkpoint, dict) or "model_settings" not in checkpoint:
-        raise CommandError(f"{path}: not a lungreg model file (no model_settings)")
-    if "preprocess" not in checkpoint:
-        raise CommandError(f"{path}: no preprocessing settings stored; retrain with this version of lungreg")
-    return checkpoint
-
-
-def _read_checked(path: Path):
-    from . import io, manifest
-
-    image = io.read_image(path)
-    manifest.check_image(None, path, image)
-    return image
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    if device == "auto":
-        return
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise CommandError(f"--device {device}: expected auto, cpu or cuda[:N]") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {device}: CUDA is not available on this machine (use auto or cpu)")
-
-
-def _preprocessed(images: dict, settings) -> None:
-    """--preprocessed: both images on the model's grid shape, intensities in [0, 1]."""
-    for role, image in images.items():
-        shape = image.GetSize()[::-1]
-        if tuple(shape) != tuple(settings.grid_shape):
-            raise CommandError(f"{role} image: grid {' x '.join(map(str, shape))} (z, y, x) is not the model's "
-                               f"{' x '.join(map(str, settings.grid_shape))}; drop --preprocessed to preprocess it")
-        import SimpleITK as sitk
-
-        array = sitk.GetArrayViewFromImage(image)
-        if array.min() < 0 or array.max() > 1:
-            raise CommandError(f"{role} image: intensities outside [0, 1]; drop --preprocessed to preprocess it")
-
-
-# ------------------------------------------------------------------------------ register
-
-
-def register_pair(model_path: Path, fixed_path: Path, moving_path: Path, out: Path,
-                  moving_mask_path: Path | None = None, device: str = "auto", preprocessed: bool = False,
-                  fixed_landmarks_path: Path | None = None) -> dict[str, Path]:
-    """Preprocess both images as the model's workflow did, register, write the outputs.
-
-    Every input is read and checked before the network runs; problems raise CommandError (or
-    io.InputError). Returns {file name: path} of what was written.
-    """
-    import SimpleITK as sitk
-
-    from . import io, manifest
-    from .geometry import Grid, resample
-    from .metrics import map_points
-    from .preprocess import PreprocessSettings, clip_and_scale, resample_image, resample_mask, subject_grid
-
-    _check_device(device)
-    originals = {"fixed": _read_checked(fixed_path), "moving": _read_checked(moving_path)}
-    mask = None
-    if moving_mask_path:
-        mask = io.read_image(moving_mask_path)
-        manifest.check_mask(None, moving_mask_path, mask)
-        manifest.check_mask_grid(None, moving_mask_path, Grid.of(mask), moving_path, Grid.of(originals["moving"]))
-    landmarks = names = None
-    if fixed_landmarks_path:
-        landmarks = io.read_landmarks(fixed_landmarks_path)
-        names = io.read_landmark_names(fixed_landmarks_path)
-    checkpoint = _load_model_file(model_path)
-    try:
-        settings = PreprocessSettings.from_config(checkpoint["preprocess"], "exhale")
-    except ValueError as error:
-        raise CommandError(f"{model_path}: bad preprocessing settings ({error})") from None
-
-    if preprocessed:
-        _preprocessed(originals, settings)
-        prepared = {role: sitk.Cast(image, sitk.sitkFloat32) for role, image in originals.items()}
-        grids = {role: Grid.of(image) for role, image in prepared.items()}
-        masks = {"moving": mask}
-    else:
-        # the fixed image is the workflow's reference phase (its direction and spacing define the grid)
-        grid = subject_grid({"exhale": Grid.of(originals["fixed"]), "inhale": Grid.of(originals["moving"])}, settings)
-        low, high = settings.intensity_range
-        prepared = {role: resample_image(clip_and_scale(image, low, high), grid) for role, image in originals.items()}
-        grids = {"fixed": grid, "moving": grid}
-        masks = {"moving": None if mask is None else resample_mask(mask, grid, settings.mask_interpolation)}
-
-    from .evaluate import Phase  # torch and scikit-learn: imported after the checks
-    from .network.transform import displacement_transform
-    from .registration.base import LoadedPair
-    from .registration.chunk import write_pair_files
-    from .registration.network import NetworkRegistrar
-    from .study import Pair
-
-    no_landmarks = _no_landmarks()
-    phases = {role: Phase(prepared[role], np.zeros(grids[role].shape, bool), grids[role], no_landmarks)
-              for role in ("fixed", "moving")}
-    if masks["moving"] is not None:
-        phases["moving"].mask = sitk.GetArrayFromImage(masks["moving"]) > 0
-
-    registrar = NetworkRegistrar("proposed", model_path, device=device, batch_size=1)
-    item = LoadedPair(Pair("moving", "moving", "fixed", "fixed"), phases["fixed"], phases["moving"])
-    result = registrar.register([item])[0]
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in OUTPUT_NAMES:  # a rerun into the same folder leaves no file of another run
-        (out / stale).unlink(missing_ok=True)
-    write_pair_files(out, item, result)
-    if mask is None:
-        (out / "warped_mask.nii.gz").unlink(missing_ok=True)
-    if not preprocessed:
-        moving = originals["moving"]
-        default = float(np.min(sitk.GetArrayViewFromImage(moving)))
-        warped_original = resample(sitk.Cast(moving, sitk.sitkFloat32), Grid.of(originals["fixed"]), "linear", default,
-                                   displacement_transform(result.displacement, grids["fixed"]))
-        io.write_image(warped_original, out / "warped_original.nii.gz")
-    if landmarks is not None:
-        import pandas as pd
-
-        mapped = map_points(result.displacement, grids["fixed"], landmarks)
-        table = pd.DataFrame({"landmark": names, "x": mapped[:, 0], "y": mapped[:, 1], "z": mapped[:, 2],
-                              "in_grid": grids["fixed"].contains(landmarks)})
-        io.write_text(table.to_csv(index=False, lineterminator="\n"), out / "fixed_landmarks_in_moving.csv")
-    return {name: out / name for name in OUTPUT_NAMES if (out / name).is_file()}
-
-
-def _no_landmarks():
-    import pandas as pd
-
-    return pd.DataFrame(columns=["landmark", "x", "y", "z", "in_view"])
-
-
 def main(argv: list[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # Imported only to run a command (deferred on purpose): `lungreg --help` and argument errors
+    # answer at once instead of after loading torch and the library (about 4 s of CPU here).
     from .io import CorruptFileError, InputError
+    from .registration.pair import register_pair
 
     if arguments.command == "register":
         try:
             written = register_pair(arguments.model, arguments.fixed, arguments.moving, arguments.out,
                                     arguments.moving_mask, arguments.device, arguments.preprocessed,
                                     arguments.fixed_landmarks)
-        except (CommandError, InputError, CorruptFileError) as error:
+        except (InputError, CorruptFileError) as error:
             print(f"lungreg register: error: {error}", file=sys.stderr)
             return 1
         except OSError as error:  # e.g. --out not writable

@@ -138,6 +138,19 @@ def resample_mask(mask: sitk.Image, grid: Grid, interpolation: str = "nearest") 
     raise ValueError(f"mask interpolation must be one of {MASK_INTERPOLATIONS}, got {interpolation!r}")
 
 
+def onto_common_grid(images: Mapping[str, sitk.Image], masks: Mapping[str, sitk.Image | None],
+                     settings: PreprocessSettings) -> tuple[Grid, dict[str, sitk.Image], dict[str, sitk.Image | None]]:
+    """Both phases (`images`, `masks` by phase; a mask may be None) clipped and scaled, and resampled
+    onto their common grid: the preprocessing of one subject, in memory. Returns the grid, the
+    images and the masks."""
+    grid = subject_grid({p: Grid.of(images[p]) for p in PHASES}, settings)
+    low, high = settings.intensity_range
+    resampled = {p: resample_image(clip_and_scale(images[p], low, high), grid) for p in PHASES}
+    resampled_masks = {p: None if masks[p] is None else resample_mask(masks[p], grid, settings.mask_interpolation)
+                       for p in PHASES}
+    return grid, resampled, resampled_masks
+
+
 def mask_fraction_outside(mask: sitk.Image, grid: Grid) -> float:
     """Fraction of the mask's voxels (centres) that lie outside `grid`."""
     own = Grid.of(mask)
@@ -223,10 +236,8 @@ def preprocess_subject(subject: str, inputs: Mapping[str, str | os.PathLike], se
     into `out_dir`, each atomically, and only after every input was read and checked.
     """
     phases = load_subject(subject, inputs)
-    grid = subject_grid({p: Grid.of(phases[p].image) for p in PHASES}, settings)
-    low, high = settings.intensity_range
-    images = {p: resample_image(clip_and_scale(phases[p].image, low, high), grid) for p in PHASES}
-    masks = {p: resample_mask(phases[p].mask, grid, settings.mask_interpolation) for p in PHASES}
+    grid, images, masks = onto_common_grid({p: phases[p].image for p in PHASES}, {p: phases[p].mask for p in PHASES},
+                                           settings)
     lost = _warn_cropped(subject, phases, grid)
     points = {p: phases[p].points for p in PHASES}
     in_view = manifest.landmarks_in_view(points, {p: Grid.of(phases[p].image) for p in PHASES})
