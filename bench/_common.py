@@ -89,8 +89,9 @@ def write_results(rows: list[dict], name: str, meta: dict) -> Path:
     return path
 
 
-def timed_runs(step: Callable[[], None], warmup: int, repeats: int, budget_s: float,
-               sync: Callable[[], None] = lambda: None) -> list[float]:
+def timed_runs(
+    step: Callable[[], None], warmup: int, repeats: int, budget_s: float, sync: Callable[[], None] = lambda: None
+) -> list[float]:
     """Wall seconds of `repeats` calls after `warmup` untimed ones, each synchronised; stops early
     (after at least one timed call) once the timed calls add up to `budget_s`."""
     for _ in range(warmup):

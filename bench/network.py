@@ -98,15 +98,17 @@ def child(config: dict) -> dict:
 
     times = timed_runs(step, config["warmup"], config["repeats"], config["budget_s"], sync)
     result = summary(times)
-    result.update({
-        "per_pair_s": result["median_s"] / batch,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "baseline_rss_gb": baseline_gb,
-        "cuda_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in net.parameters()),
-        "status": "ok",
-    })
+    result.update(
+        {
+            "per_pair_s": result["median_s"] / batch,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "baseline_rss_gb": baseline_gb,
+            "cuda_peak_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "threads": torch.get_num_threads(),
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "status": "ok",
+        }
+    )
     return result
 
 
@@ -128,13 +130,15 @@ def plan(args) -> list[dict]:
             for variant in args.variants:
                 for precision in precisions:
                     for shape in args.shapes:
-                        configs.append({"part": part, "variant": variant, "shape": shape, "precision": precision,
-                                        "device": device})
+                        configs.append(
+                            {"part": part, "variant": variant, "shape": shape, "precision": precision, "device": device}
+                        )
             if device == "cpu" and part == "forward":  # the cost of bf16 autocast on this CPU
                 for variant in args.variants:
                     for shape in args.bf16_shapes:
-                        configs.append({"part": part, "variant": variant, "shape": shape, "precision": "bf16",
-                                        "device": device})
+                        configs.append(
+                            {"part": part, "variant": variant, "shape": shape, "precision": "bf16", "device": device}
+                        )
     return configs
 
 
@@ -155,14 +159,17 @@ def parameters(variant: str) -> int:
 
 def existing_rows(name: str) -> list[dict]:
     import pandas as pd
-
     from _common import RESULTS
 
     path = RESULTS / f"{name}.tsv"
     if not path.exists():
         return []
-    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""]).astype(object).where(
-        lambda f: f.notna(), None).to_dict("records")
+    return (
+        pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
+        .astype(object)
+        .where(lambda f: f.notna(), None)
+        .to_dict("records")
+    )
 
 
 def earlier_runs(name: str) -> list[dict]:
@@ -187,9 +194,15 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--parts", default="forward,train", type=lambda s: s.split(","))
     parser.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
-    parser.add_argument("--shapes", default=None, type=lambda s: s.split(","), help="DxHxW,... (default: %s)" % ",".join(SHAPES))
-    parser.add_argument("--bf16-shapes", default=None, type=lambda s: [v for v in s.split(",") if v],
-                        help="shapes with an extra CPU bf16-autocast forward row (default: the smallest)")
+    parser.add_argument(
+        "--shapes", default=None, type=lambda s: s.split(","), help="DxHxW,... (default: %s)" % ",".join(SHAPES)
+    )
+    parser.add_argument(
+        "--bf16-shapes",
+        default=None,
+        type=lambda s: [v for v in s.split(",") if v],
+        help="shapes with an extra CPU bf16-autocast forward row (default: the smallest)",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--forward-batch", type=int, default=1)
@@ -197,12 +210,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=60.0, help="timed seconds per configuration (>= 1 run)")
-    parser.add_argument("--max-call-s", type=float, default=150.0, help="skip configurations predicted to take longer per call")
+    parser.add_argument(
+        "--max-call-s", type=float, default=150.0, help="skip configurations predicted to take longer per call"
+    )
     parser.add_argument("--max-memory-gb", type=float, default=None)
     parser.add_argument("--quick", action="store_true", help="small shapes, 1 timed run: checks the script in ~1 min")
     parser.add_argument("--out", default=None, help="results prefix: bench/results/OUT_PART.tsv (default network)")
-    parser.add_argument("--update", action="store_true",
-                        help="replace this run's configurations in the existing tables, keep their other rows")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="replace this run's configurations in the existing tables, keep their other rows",
+    )
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -215,8 +233,12 @@ def main() -> None:
         args.repeats, args.budget = 1, 10.0
     args.shapes = args.shapes or SHAPES
     args.bf16_shapes = args.shapes[:1] if args.bf16_shapes is None else args.bf16_shapes
-    meta = {**machine(), "threads": args.threads, "memory_limit_gb_at_start": round(memory_limit_now(args), 1),
-            "command": " ".join(sys.argv)}
+    meta = {
+        **machine(),
+        "threads": args.threads,
+        "memory_limit_gb_at_start": round(memory_limit_now(args), 1),
+        "command": " ".join(sys.argv),
+    }
     print(json.dumps(meta), flush=True)
     started = time.perf_counter()
     rows, previous = [], {}
@@ -225,12 +247,27 @@ def main() -> None:
     for config in plan(args):
         key = (config["part"], config["variant"], config["precision"], config["device"])
         batch = args.forward_batch if config["part"] == "forward" else args.train_batch
-        config.update({"batch": batch, "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
-                       "budget_s": args.budget})
-        row = {"part": config["part"], "variant": config["variant"], **{k: VARIANTS[config["variant"]].get(k) for k in
-               ("width", "feature_reduction", "deformable_stride")}, "shape": config["shape"], "batch": batch,
-               "precision": config["precision"], "device": config["device"], "threads": args.threads,
-               "warmup": args.warmup, "load_1m_start": load_average()}
+        config.update(
+            {
+                "batch": batch,
+                "threads": args.threads,
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+                "budget_s": args.budget,
+            }
+        )
+        row = {
+            "part": config["part"],
+            "variant": config["variant"],
+            **{k: VARIANTS[config["variant"]].get(k) for k in ("width", "feature_reduction", "deformable_stride")},
+            "shape": config["shape"],
+            "batch": batch,
+            "precision": config["precision"],
+            "device": config["device"],
+            "threads": args.threads,
+            "warmup": args.warmup,
+            "load_1m_start": load_average(),
+        }
         reason = None
         if key in previous:
             last = previous[key]
@@ -240,24 +277,47 @@ def main() -> None:
             if config["device"] == "cuda" and last.get("cuda_peak_gb") is not None:
                 memory = last["cuda_peak_gb"] * ratio
             if call_s > args.max_call_s:
-                reason = f"skipped: predicted {call_s:.0f} s per call from {last['shape']} (> --max-call-s {args.max_call_s:.0f})"
+                reason = (
+                    f"skipped: predicted {call_s:.0f} s per call from {last['shape']} "
+                    f"(> --max-call-s {args.max_call_s:.0f})"
+                )
             elif config["device"] == "cpu" and memory > memory_limit_now(args):
-                reason = (f"skipped: predicted {memory:.1f} GB from {last['shape']} "
-                          f"(> {memory_limit_now(args):.1f} GB the bench may use now)")
+                reason = (
+                    f"skipped: predicted {memory:.1f} GB from {last['shape']} "
+                    f"(> {memory_limit_now(args):.1f} GB the bench may use now)"
+                )
         if reason:
             result = {"status": reason}
         else:
             timeout = 120 + (args.warmup + args.repeats + 1) * args.max_call_s * 2
             result = run_child(Path(__file__), config, timeout)
-        row.update({k: result.get(k) for k in ("runs", "median_s", "per_pair_s", "min_s", "max_s", "peak_rss_gb",
-                                               "baseline_rss_gb", "cuda_peak_gb", "parameters")})
+        row.update(
+            {
+                k: result.get(k)
+                for k in (
+                    "runs",
+                    "median_s",
+                    "per_pair_s",
+                    "min_s",
+                    "max_s",
+                    "peak_rss_gb",
+                    "baseline_rss_gb",
+                    "cuda_peak_gb",
+                    "parameters",
+                )
+            }
+        )
         row["threads"] = result.get("threads", args.threads)
         row["status"] = result["status"]
         if result["status"] == "ok":
             previous[key] = {"shape": config["shape"], **result}
         rows.append(row)
-        print("\t".join(str(row[k]) for k in ("part", "variant", "shape", "precision", "median_s", "peak_rss_gb", "status")),
-              flush=True)
+        print(
+            "\t".join(
+                str(row[k]) for k in ("part", "variant", "shape", "precision", "median_s", "peak_rss_gb", "status")
+            ),
+            flush=True,
+        )
         part_rows = merge(kept[row["part"]], [r for r in rows if r["part"] == row["part"]])
         for r in part_rows:
             r["parameters"] = parameters(r["variant"])

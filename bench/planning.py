@@ -4,7 +4,8 @@
     python bench/planning.py --profile         # also cProfile the largest case (bench/results/planning_profile.txt)
     python bench/planning.py --quick           # 50 subjects, chunks 4 and 16 (bench/results/quick_planning.tsv)
     python bench/planning.py --workflow-ref d17d9fd --chunks 64 --out planning_before
-                                               # the workflow files of a git revision (the library stays this checkout's)
+                                               # the workflow files of a git revision (the library:
+                                               # this checkout's)
 
 The workflow (Snakefile, rules, scripts, config, envs, report, profiles) is copied into an empty
 scratch folder, as a user's clone has it, and planned with
@@ -23,7 +24,6 @@ the register rules' outputs are the chunk folder and two tables per chunk.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import io
 import json
 import pstats
@@ -47,7 +47,11 @@ WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "config", "envs", "report", "
 def copy_workflow(destination: Path, ref: str | None = None) -> Path:
     destination.mkdir(parents=True, exist_ok=True)
     if ref:
-        names = [n for n in WORKFLOW_FILES if subprocess.run(["git", "cat-file", "-e", f"{ref}:{n}"], cwd=REPO).returncode == 0]
+        names = [
+            n
+            for n in WORKFLOW_FILES
+            if subprocess.run(["git", "cat-file", "-e", f"{ref}:{n}"], cwd=REPO).returncode == 0
+        ]
         archive = subprocess.run(["git", "archive", ref, *names], cwd=REPO, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
         return destination
@@ -63,15 +67,29 @@ def copy_workflow(destination: Path, ref: str | None = None) -> Path:
 def override(n_subjects: int, chunks: int) -> dict:
     return {
         "synthetic": {"n_subjects": n_subjects, "n_ild": n_subjects // 2},
-        "inference": {"protocols": ["inhale_exhale", "all_combinations", "cohort"],
-                      "chunks": {"inhale_exhale": 2, "all_combinations": 4, "cohort": chunks},
-                      "save_fields": "none"},
+        "inference": {
+            "protocols": ["inhale_exhale", "all_combinations", "cohort"],
+            "chunks": {"inhale_exhale": 2, "all_combinations": 4, "cohort": chunks},
+            "save_fields": "none",
+        },
     }
 
 
 def snakemake_command(configfile: Path) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--cores", "2", "--resources", "gpu=1",
-            "--configfile", str(configfile)]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "--quiet",
+        "rules",
+        "--cores",
+        "2",
+        "--resources",
+        "gpu=1",
+        "--configfile",
+        str(configfile),
+    ]
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -104,8 +122,12 @@ def main() -> None:
     if args.quick:
         args.subjects, args.chunks, args.repeats = 50, [4, 16], 1
     args.out = args.out or ("quick_planning" if args.quick else "planning")
-    meta = {**machine(), "subjects": args.subjects, "workflow": args.workflow_ref or "working tree",
-            "command": " ".join(sys.argv)}
+    meta = {
+        **machine(),
+        "subjects": args.subjects,
+        "workflow": args.workflow_ref or "working tree",
+        "command": " ".join(sys.argv),
+    }
     print(json.dumps(meta), flush=True)
     started = time.perf_counter()
     rows = []
@@ -124,20 +146,34 @@ def main() -> None:
                     raise SystemExit(f"dry run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
                 counts = job_counts(done.stdout)
             pairs = args.subjects**2
-            rows.append({"subjects": args.subjects, "cohort_pairs": pairs, "chunks_cohort": chunks,
-                         "jobs": counts.get("total"), "register_network_jobs": counts.get("register_network"),
-                         "register_unregistered_jobs": counts.get("register_unregistered"),
-                         "image_index_jobs": counts.get("image_index", 0),
-                         "synthesize_subject_jobs": counts.get("synthesize_subject"),
-                         "files_created": files_under(workdir / "results"), "runs": len(times),
-                         "plan_s_median": statistics.median(times), "plan_s_min": min(times),
-                         "load_1m_start": load})
+            rows.append(
+                {
+                    "subjects": args.subjects,
+                    "cohort_pairs": pairs,
+                    "chunks_cohort": chunks,
+                    "jobs": counts.get("total"),
+                    "register_network_jobs": counts.get("register_network"),
+                    "register_unregistered_jobs": counts.get("register_unregistered"),
+                    "image_index_jobs": counts.get("image_index", 0),
+                    "synthesize_subject_jobs": counts.get("synthesize_subject"),
+                    "files_created": files_under(workdir / "results"),
+                    "runs": len(times),
+                    "plan_s_median": statistics.median(times),
+                    "plan_s_min": min(times),
+                    "load_1m_start": load,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
         if args.profile:
             configfile = workdir / f"override-{max(args.chunks)}.yaml"
             profile_path = scratch / "plan.prof"
-            subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile_path), *snakemake_command(configfile)[1:]],
-                           cwd=workdir, capture_output=True, text=True, check=True)
+            subprocess.run(
+                [sys.executable, "-m", "cProfile", "-o", str(profile_path), *snakemake_command(configfile)[1:]],
+                cwd=workdir,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             text = io.StringIO()
             pstats.Stats(str(profile_path), stream=text).sort_stats("cumulative").print_stats(40)
             RESULTS.mkdir(parents=True, exist_ok=True)

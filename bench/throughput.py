@@ -15,8 +15,9 @@ each pair (Dice, landmarks, Jacobian) and writes what save_fields asks for:
 * syn_over_*: SyN's time divided by the row's (how many times faster than SyN).
 
 Network rows use random last-layer weights (a few voxels of deformation) of each variant: speed does
-not depend on the weights. Baselines use the workflow's options (config.yaml and the schema's defaults). save_fields none must write no
-per-pair file at all: files_written counts what the chunk left in its folder.
+not depend on the weights. Baselines use the workflow's options (config.yaml and the schema's
+defaults). save_fields none must write no per-pair file at all: files_written counts what the
+chunk left in its folder.
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ def prepare_cohort(workdir: Path, n_subjects: int, config: dict):
     """Synthesise and preprocess the cohort (skipped when already there); returns (layout, pairs)."""
     import pandas as pd
 
-    from lungreg.synthetic.render import synthesize_subject
-    from lungreg.synthetic.settings import SyntheticCohortSettings
     from lungreg.preprocess import PreprocessSettings, preprocess_subject
     from lungreg.study import PreprocessedLayout, protocol_pairs
+    from lungreg.synthetic.render import synthesize_subject
+    from lungreg.synthetic.settings import SyntheticCohortSettings
 
-    settings = SyntheticCohortSettings.from_config({**config["synthetic"], "n_subjects": n_subjects,
-                                                    "n_ild": n_subjects // 2})
+    settings = SyntheticCohortSettings.from_config(
+        {**config["synthetic"], "n_subjects": n_subjects, "n_ild": n_subjects // 2}
+    )
     preprocess = PreprocessSettings.from_config(config["preprocess"], "exhale")
     layout = PreprocessedLayout(workdir / "preprocessed")
     for subject in settings.subject_ids():
@@ -120,28 +122,43 @@ def main() -> None:
         for kind, name, save in runs:
             load = load_average()
             if kind == "network":
-                registrar = NetworkRegistrar("proposed", network_model(scratch / f"{name}.pt", name), "cpu",
-                                             args.batch_size, threads)
+                registrar = NetworkRegistrar(
+                    "proposed", network_model(scratch / f"{name}.pt", name), "cpu", args.batch_size, threads
+                )
             else:
-                options = {k: v for k, v in config["baselines"][name].items() if k not in ("enabled", "protocols", "chunks")}
+                options = {
+                    k: v for k, v in config["baselines"][name].items() if k not in ("enabled", "protocols", "chunks")
+                }
                 registrar = build_registrar(name, threads, baseline_options=options)
             folder = scratch / f"{kind}-{name}-{save}"
-            outputs = ChunkOutputs(folder, scratch / f"{folder.name}_metrics.tsv", scratch / f"{folder.name}_landmarks.tsv")
+            outputs = ChunkOutputs(
+                folder, scratch / f"{folder.name}_metrics.tsv", scratch / f"{folder.name}_landmarks.tsv"
+            )
             began = time.perf_counter()
             metrics = run_chunk(registrar, pairs, layout, "cohort", outputs, save_fields=save)
             wall = time.perf_counter() - began
             written = files_under(folder)
             if save == "none" and written:
                 raise AssertionError(f"save_fields none wrote {written} files under {folder}")
-            rows.append({"method": "proposed" if kind == "network" else name,
-                         "variant": name if kind == "network" else "-", "save_fields": save, "pairs": len(pairs),
-                         "batch_size": registrar.batch_size, "threads": threads, "wall_s": wall,
-                         "pairs_per_s": len(pairs) / wall, "compute_s_per_pair": float(metrics["seconds"].mean()),
-                         "compute_s_per_pair_median": float(statistics.median(metrics["seconds"])),
-                         "wall_s_per_pair": wall / len(pairs),
-                         # random network weights: only the baselines' Dice means anything (a sanity check)
-                         "dice_mean": float(metrics["dice"].mean()) if kind == "baseline" else None,
-                         "files_written": written, "load_1m_start": load})
+            rows.append(
+                {
+                    "method": "proposed" if kind == "network" else name,
+                    "variant": name if kind == "network" else "-",
+                    "save_fields": save,
+                    "pairs": len(pairs),
+                    "batch_size": registrar.batch_size,
+                    "threads": threads,
+                    "wall_s": wall,
+                    "pairs_per_s": len(pairs) / wall,
+                    "compute_s_per_pair": float(metrics["seconds"].mean()),
+                    "compute_s_per_pair_median": float(statistics.median(metrics["seconds"])),
+                    "wall_s_per_pair": wall / len(pairs),
+                    # random network weights: only the baselines' Dice means anything (a sanity check)
+                    "dice_mean": float(metrics["dice"].mean()) if kind == "baseline" else None,
+                    "files_written": written,
+                    "load_1m_start": load,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(folder, ignore_errors=True)
         syn = next((r for r in rows if r["method"] == "syn"), None)

@@ -2,11 +2,11 @@
 
 
 use rule register_unregistered as register_baseline with:
-    params:
-        inference=config["inference"],
-        baseline=baseline_options,
-    threads: config["threads"]["baselines"]
     wildcard_constraints:
         method=alternatives(BASELINES),
     conda:
         "../envs/baselines.yaml"
+    threads: config["threads"]["baselines"]
+    params:
+        inference=config["inference"],
+        baseline=baseline_options,

@@ -4,19 +4,19 @@
 
 
 rule classify_folds:
-    localrule: True  # seconds of work: on a cluster, not worth a job
     output:
         f"{CLASSIFICATION}/folds.tsv",
-    params:
-        cohort=CLASSIFY_LABELLED,
-        folds=CLASSIFY_FOLDS,
-        seed=CLASSIFY["seed"],
     log:
         log_path("classify/folds"),
     benchmark:
         benchmark_path("classify/folds")
+    localrule: True  # seconds of work: on a cluster, not worth a job
     conda:
         "../envs/torch.yaml"
+    params:
+        cohort=CLASSIFY_LABELLED,
+        folds=CLASSIFY_FOLDS,
+        seed=CLASSIFY["seed"],
     script:
         "../scripts/classify_folds.py"
 
@@ -28,16 +28,16 @@ rule classify_features:
     output:
         fields=f"{CLASSIFICATION}/features/fields.pt",
         table=f"{CLASSIFICATION}/features/regional_features.tsv",
-    params:
-        fields=classify_field_paths(),
-        masks=classify_mask_paths(),
-        masked=CLASSIFY["masked"],
     log:
         log_path("classify/features"),
     benchmark:
         benchmark_path("classify/features")
     conda:
         "../envs/torch.yaml"
+    params:
+        fields=classify_field_paths(),
+        masks=classify_mask_paths(),
+        masked=CLASSIFY["masked"],
     script:
         "../scripts/classify_features.py"
 
@@ -51,9 +51,6 @@ rule classify_sklearn:
     output:
         predictions=f"{FOLD}/predictions.tsv",
         model=f"{FOLD}/classifier.pt",
-    params:
-        options=classifier_options,
-        seed=CLASSIFY["seed"],
     log:
         log_path("classify/{classifier}_fold-{fold}"),
     benchmark:
@@ -61,9 +58,12 @@ rule classify_sklearn:
     wildcard_constraints:
         classifier=alternatives(study.REGIONAL_CLASSIFIERS),
         fold=r"\d+",
-    threads: 1
     conda:
         "../envs/torch.yaml"
+    threads: 1
+    params:
+        options=classifier_options,
+        seed=CLASSIFY["seed"],
     script:
         "../scripts/classify_fold.py"
 
@@ -81,7 +81,6 @@ use rule classify_sklearn as classify_cnn with:
 
 
 rule classify_summary:
-    localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         **classify_fold_predictions(),
     output:
@@ -96,13 +95,14 @@ rule classify_summary:
             caption="../report/roc.rst",
             category="Classification",
         ),
-    params:
-        classifiers=CLASSIFY_CLASSIFIERS,
     log:
         log_path("classify/summary"),
     benchmark:
         benchmark_path("classify/summary")
+    localrule: True  # seconds of work: on a cluster, not worth a job
     conda:
         "../envs/torch.yaml"
+    params:
+        classifiers=CLASSIFY_CLASSIFIERS,
     script:
         "../scripts/classify_summary.py"

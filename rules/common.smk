@@ -123,8 +123,11 @@ def subject_inputs(wildcards):
 
 
 def preprocessed_files(subject, phase):
-    return [str(PREPROCESSED.image(subject, phase)), str(PREPROCESSED.mask(subject, phase)),
-            str(PREPROCESSED.landmarks(subject, phase))]
+    return [
+        str(PREPROCESSED.image(subject, phase)),
+        str(PREPROCESSED.mask(subject, phase)),
+        str(PREPROCESSED.landmarks(subject, phase)),
+    ]
 
 
 def pair_files(pairs):
@@ -196,7 +199,9 @@ INTER_PATIENT_PROTOCOLS = ("all_combinations", "cohort")
 def protocol_images(protocol):
     """(subject, phase) of every image the protocol's pairs read, sorted."""
     pairs = PAIRS[protocol]
-    return sorted({(p.moving_subject, p.moving_phase) for p in pairs} | {(p.fixed_subject, p.fixed_phase) for p in pairs})
+    return sorted(
+        {(p.moving_subject, p.moving_phase) for p in pairs} | {(p.fixed_subject, p.fixed_phase) for p in pairs}
+    )
 
 
 def image_index_inputs(wildcards):
@@ -204,8 +209,15 @@ def image_index_inputs(wildcards):
 
 
 def image_index_rows(wildcards):
-    return [dict(zip(("subject", "phase", "image", "mask", "landmarks"), (subject, phase, *preprocessed_files(subject, phase))))
-            for subject, phase in protocol_images(wildcards.protocol)]
+    return [
+        dict(
+            zip(
+                ("subject", "phase", "image", "mask", "landmarks"),
+                (subject, phase, *preprocessed_files(subject, phase)),
+            )
+        )
+        for subject, phase in protocol_images(wildcards.protocol)
+    ]
 
 
 def chunk_inputs(wildcards):
@@ -274,15 +286,23 @@ def classification_outputs(wildcards=None):
     """Final files of the classification; empty when it is disabled or the cohort is too small."""
     if CLASSIFY_SKIP:
         return []
-    return [f"{CLASSIFICATION}/folds.tsv", table_path("classification"), f"{CLASSIFICATION}/predictions.tsv",
-            f"{CLASSIFICATION}/roc.png"]
+    return [
+        f"{CLASSIFICATION}/folds.tsv",
+        table_path("classification"),
+        f"{CLASSIFICATION}/predictions.tsv",
+        f"{CLASSIFICATION}/roc.png",
+    ]
 
 
 def classify_field_paths(wildcards=None):
     """subject -> its inhale-exhale displacement field, inside the chunk folder that writes it."""
     labelled = set(CLASSIFY_LABELLED["subject"])
-    return {p.fixed_subject: f"{folder}/{p.name}/displacement.nii.gz"
-            for folder, pairs in chunks_of(CLASSIFY_METHOD, "inhale_exhale") for p in pairs if p.fixed_subject in labelled}
+    return {
+        p.fixed_subject: f"{folder}/{p.name}/displacement.nii.gz"
+        for folder, pairs in chunks_of(CLASSIFY_METHOD, "inhale_exhale")
+        for p in pairs
+        if p.fixed_subject in labelled
+    }
 
 
 def classify_chunks(wildcards):
@@ -303,8 +323,10 @@ def classifier_options(wildcards):
 
 
 def classify_fold_predictions(wildcards=None):
-    return {c: [f"{FOLD.format(classifier=c, fold=k)}/predictions.tsv" for k in range(CLASSIFY_FOLDS)]
-            for c in CLASSIFY_CLASSIFIERS}
+    return {
+        c: [f"{FOLD.format(classifier=c, fold=k)}/predictions.tsv" for k in range(CLASSIFY_FOLDS)]
+        for c in CLASSIFY_CLASSIFIERS
+    }
 
 
 # ------------------------------------------------------------------------- report
@@ -314,8 +336,11 @@ REPORT_METHOD = config["report"]["method"]
 
 def report_pair_folders():
     """{pair name: (pair, its chunk folder)} of the inhale-exhale pairs the report's overlays show."""
-    if (REPORT_METHOD, "inhale_exhale") not in method_protocols() or REPORT_METHOD == "unregistered" \
-            or config["inference"]["save_fields"] == "none":
+    if (
+        (REPORT_METHOD, "inhale_exhale") not in method_protocols()
+        or REPORT_METHOD == "unregistered"
+        or config["inference"]["save_fields"] == "none"
+    ):
         logger.warning(f"report: no overlays, {REPORT_METHOD} writes no inhale_exhale pair files in this configuration")
         return {}
     subjects = config["report"]["subjects"]
@@ -333,9 +358,12 @@ REPORT_PAIRS = report_pair_folders()
 
 def report_pair_inputs(wildcards):
     pair, chunk = REPORT_PAIRS[wildcards.pair]
-    return {"registration": chunk, "fixed": str(PREPROCESSED.image(pair.fixed_subject, pair.fixed_phase)),
-            "moving": str(PREPROCESSED.image(pair.moving_subject, pair.moving_phase)),
-            "fixed_mask": str(PREPROCESSED.mask(pair.fixed_subject, pair.fixed_phase))}
+    return {
+        "registration": chunk,
+        "fixed": str(PREPROCESSED.image(pair.fixed_subject, pair.fixed_phase)),
+        "moving": str(PREPROCESSED.image(pair.moving_subject, pair.moving_phase)),
+        "fixed_mask": str(PREPROCESSED.mask(pair.fixed_subject, pair.fixed_phase)),
+    }
 
 
 def report_pair_folder(wildcards):

@@ -2,7 +2,6 @@
 
 
 rule tables:
-    localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         cohort=rules.cohort_table.output[0],
         metrics=registration_results("metrics"),
@@ -16,6 +15,7 @@ rule tables:
         log_path("tables"),
     benchmark:
         benchmark_path("tables")
+    localrule: True  # seconds of work: on a cluster, not worth a job
     conda:
         "../envs/torch.yaml"
     script:

@@ -10,15 +10,15 @@ rule preprocess:
             for phase in ("inhale", "exhale")
             for item in ("image", "mask", "landmarks")
         },
-    params:
-        settings=config["preprocess"],
-        reference_phase=FIXED_PHASE,
     log:
         log_path("preprocess/{subject}"),
     benchmark:
         benchmark_path("preprocess/{subject}")
     conda:
         "../envs/imaging.yaml"
+    params:
+        settings=config["preprocess"],
+        reference_phase=FIXED_PHASE,
     script:
         "../scripts/preprocess.py"
 
@@ -31,8 +31,6 @@ rule image_index:
         image_index_inputs,
     output:
         IMAGE_INDEX,
-    params:
-        rows=image_index_rows,
     log:
         log_path("image_index/{protocol}"),
     benchmark:
@@ -40,5 +38,7 @@ rule image_index:
     localrule: True
     conda:
         "../envs/imaging.yaml"
+    params:
+        rows=image_index_rows,
     script:
         "../scripts/image_index.py"

@@ -12,11 +12,6 @@ rule register_unregistered:
         folder=directory(CHUNK),
         metrics=f"{CHUNK}_metrics.tsv",
         landmarks=f"{CHUNK}_landmarks.tsv",
-    params:
-        pairs=chunk_pair_rows,
-        truth=chunk_truth,
-        preprocessed=str(PREPROCESSED.root),
-        inference={**config["inference"], "save_fields": "none"},
     log:
         log_path("register/{method}_{protocol}_{chunk}"),
     benchmark:
@@ -25,6 +20,11 @@ rule register_unregistered:
         method="unregistered",
     conda:
         "../envs/torch.yaml"
+    params:
+        pairs=chunk_pair_rows,
+        truth=chunk_truth,
+        preprocessed=str(PREPROCESSED.root),
+        inference={**config["inference"], "save_fields": "none"},
     script:
         "../scripts/register_chunk.py"
 
@@ -33,10 +33,10 @@ use rule register_unregistered as register_network with:
     input:
         model=model_path("{method}"),
         pairs=chunk_inputs,
-    params:
-        inference=config["inference"],
+    wildcard_constraints:
+        method=alternatives(study.NETWORK_METHODS),
     threads: config["threads"]["gpu_jobs"]
     resources:
         gpu=1,
-    wildcard_constraints:
-        method=alternatives(study.NETWORK_METHODS),
+    params:
+        inference=config["inference"],

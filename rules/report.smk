@@ -5,7 +5,6 @@
 
 
 rule report_overlay:
-    localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         unpack(report_pair_inputs),
     output:
@@ -15,23 +14,23 @@ rule report_overlay:
             category="Registration overlays",
             labels={"method": "{method}", "pair": "{pair}"},
         ),
-    params:
-        figure="overlay",
-        pair_folder=report_pair_folder,
     log:
         log_path("report/overlay_{method}_{pair}"),
     benchmark:
         benchmark_path("report/overlay_{method}_{pair}")
     wildcard_constraints:
         pair=alternatives(REPORT_PAIRS),
+    localrule: True  # seconds of work: on a cluster, not worth a job
     conda:
         "../envs/torch.yaml"
+    params:
+        figure="overlay",
+        pair_folder=report_pair_folder,
     script:
         "../scripts/report_pair.py"
 
 
 use rule report_overlay as report_jacobian with:
-    localrule: True  # not inherited by `use rule`
     output:
         report(
             f"{FIGURES}/jacobian/{{method}}/{{pair}}.png",
@@ -39,16 +38,16 @@ use rule report_overlay as report_jacobian with:
             category="Jacobian determinant",
             labels={"method": "{method}", "pair": "{pair}"},
         ),
-    params:
-        figure="jacobian",
     log:
         log_path("report/jacobian_{method}_{pair}"),
     benchmark:
         benchmark_path("report/jacobian_{method}_{pair}")
+    localrule: True  # not inherited by `use rule`
+    params:
+        figure="jacobian",
 
 
 rule report_boxplots:
-    localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         pairs=rules.tables.output.pairs,
         landmarks=rules.tables.output.landmarks,
@@ -64,6 +63,7 @@ rule report_boxplots:
         log_path("report/boxplots"),
     benchmark:
         benchmark_path("report/boxplots")
+    localrule: True  # seconds of work: on a cluster, not worth a job
     conda:
         "../envs/torch.yaml"
     script:
@@ -71,7 +71,6 @@ rule report_boxplots:
 
 
 rule report_tables:
-    localrule: True  # seconds of work: on a cluster, not worth a job
     input:
         **report_tables(),
     output:
@@ -80,6 +79,7 @@ rule report_tables:
         log_path("report/tables"),
     benchmark:
         benchmark_path("report/tables")
+    localrule: True  # seconds of work: on a cluster, not worth a job
     conda:
         "../envs/torch.yaml"
     script:

@@ -13,6 +13,15 @@ rule train:
             category="Training",
             labels={"variant": "{variant}"},
         ),
+    log:
+        log_path("train/{variant}"),
+    benchmark:
+        benchmark_path("train/{variant}")
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]["gpu_jobs"]
+    resources:
+        gpu=1,
     params:
         train_pairs=pair_rows(training_pairs()),
         validation_pairs=pair_rows(study.validation_pairs(COHORT, FIXED_PHASE)),
@@ -22,14 +31,5 @@ rule train:
         loss=config["loss"],
         train=config["train"],
         preprocess=config["preprocess"],
-    log:
-        log_path("train/{variant}"),
-    benchmark:
-        benchmark_path("train/{variant}")
-    threads: config["threads"]["gpu_jobs"]
-    resources:
-        gpu=1,
-    conda:
-        "../envs/torch.yaml"
     script:
         "../scripts/train.py"

@@ -4,5 +4,10 @@ from lungreg.classify.features import build_features
 from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):
-    build_features(snakemake.params.fields, snakemake.params.masks, snakemake.params.masked,
-                   snakemake.output.fields, snakemake.output.table)
+    build_features(
+        snakemake.params.fields,
+        snakemake.params.masks,
+        snakemake.params.masked,
+        snakemake.output.fields,
+        snakemake.output.table,
+    )

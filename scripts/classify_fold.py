@@ -6,6 +6,13 @@ from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):
     set_threads(snakemake.threads)
-    run_fold(snakemake.wildcards.classifier, int(snakemake.wildcards.fold), snakemake.input.folds,
-             snakemake.input.features, snakemake.params.options, snakemake.params.seed,
-             snakemake.output.predictions, snakemake.output.model)
+    run_fold(
+        snakemake.wildcards.classifier,
+        int(snakemake.wildcards.fold),
+        snakemake.input.folds,
+        snakemake.input.features,
+        snakemake.params.options,
+        snakemake.params.seed,
+        snakemake.output.predictions,
+        snakemake.output.model,
+    )

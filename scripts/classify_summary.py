@@ -4,5 +4,9 @@ from lungreg.classify.summary import summarize
 from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):
-    summarize({c: list(snakemake.input[c]) for c in snakemake.params.classifiers}, snakemake.output.table,
-              snakemake.output.predictions, snakemake.output.roc)
+    summarize(
+        {c: list(snakemake.input[c]) for c in snakemake.params.classifiers},
+        snakemake.output.table,
+        snakemake.output.predictions,
+        snakemake.output.roc,
+    )

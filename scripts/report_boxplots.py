@@ -4,5 +4,10 @@ from lungreg.plots import evaluation_figures
 from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):
-    evaluation_figures(snakemake.input.pairs, snakemake.input.landmarks, snakemake.input.cohort,
-                       snakemake.output.dice, snakemake.output.landmarks)
+    evaluation_figures(
+        snakemake.input.pairs,
+        snakemake.input.landmarks,
+        snakemake.input.cohort,
+        snakemake.output.dice,
+        snakemake.output.landmarks,
+    )

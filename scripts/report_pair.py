@@ -4,5 +4,12 @@ from lungreg.plots import pair_figure
 from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):
-    pair_figure(snakemake.params.figure, snakemake.params.pair_folder, snakemake.input.fixed, snakemake.input.moving,
-                snakemake.input.fixed_mask, snakemake.output[0], f"{snakemake.wildcards.method}: {snakemake.wildcards.pair}")
+    pair_figure(
+        snakemake.params.figure,
+        snakemake.params.pair_folder,
+        snakemake.input.fixed,
+        snakemake.input.moving,
+        snakemake.input.fixed_mask,
+        snakemake.output[0],
+        f"{snakemake.wildcards.method}: {snakemake.wildcards.pair}",
+    )

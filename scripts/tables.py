@@ -4,5 +4,9 @@ from lungreg.tables import build_tables
 from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):
-    build_tables(snakemake.input.cohort, snakemake.input.metrics, snakemake.input.landmarks,
-                 {name: snakemake.output[name] for name in snakemake.output.keys()})
+    build_tables(
+        snakemake.input.cohort,
+        snakemake.input.metrics,
+        snakemake.input.landmarks,
+        {name: snakemake.output[name] for name in snakemake.output.keys()},
+    )

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from workflow_runner import REPO
 
 PACKAGE = REPO / "src" / "lungreg"
@@ -79,8 +78,12 @@ def internal_graph() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> int:
-    ranks = [(len(prefix), rank) for rank, group in enumerate(LAYERS) for prefix in group
-             if module == prefix or module.startswith(prefix + ".")]
+    ranks = [
+        (len(prefix), rank)
+        for rank, group in enumerate(LAYERS)
+        for prefix in group
+        if module == prefix or module.startswith(prefix + ".")
+    ]
     assert ranks, f"{module} has no layer in tests/test_architecture.py (and README's Architecture)"
     return max(ranks)[1]
 
@@ -102,7 +105,7 @@ def test_the_import_graph_has_no_circle():
         state[module] = "open"
         for target in sorted(graph[module]):
             if state.get(target) == "open":
-                pytest.fail("import circle: " + " -> ".join(path[path.index(target):] + [target]))
+                pytest.fail("import circle: " + " -> ".join(path[path.index(target) :] + [target]))
             if target not in state:
                 visit(target, path + [target])
         state[module] = "done"
@@ -121,7 +124,7 @@ def test_no_module_imports_from_a_higher_layer():
             package, name = module.rpartition(".")[0], module.rpartition(".")[2]
             order = PACKAGE_ORDER.get(package)
             if order and target.startswith(package + "."):
-                sibling = target[len(package) + 1:].split(".")[0]
+                sibling = target[len(package) + 1 :].split(".")[0]
                 if order.index(sibling) > order.index(name):
                     upward.append(f"{module} imports {target}, listed after it in {package}")
     assert not upward, "\n".join(sorted(upward))
@@ -139,8 +142,10 @@ def planning_modules() -> list[str]:
         for line in path.read_text().splitlines():
             if match := re.match(r"\s*from (lungreg[\w.]*) import ([\w, ]+)", line):
                 base = match.group(1)
-                found |= {f"{base}.{n.strip()}" if f"{base}.{n.strip()}" in MODULES else base
-                          for n in match.group(2).split(",")}
+                found |= {
+                    f"{base}.{n.strip()}" if f"{base}.{n.strip()}" in MODULES else base
+                    for n in match.group(2).split(",")
+                }
             elif match := re.match(r"\s*import (lungreg[\w.]*)", line):
                 found.add(match.group(1))
     return sorted(found)
@@ -149,9 +154,17 @@ def planning_modules() -> list[str]:
 def test_planning_imports_no_torch():
     modules = planning_modules()
     assert {"lungreg.study", "lungreg.manifest", "lungreg.synthetic.settings"} <= set(modules), modules
-    check = f"import sys\nimport {', '.join(modules)}\nprint(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    check = (
+        f"import sys\nimport {', '.join(modules)}\n"
+        "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[0] == "[]", f"planning ({', '.join(modules)}) imports {result.stdout.strip()}"
 

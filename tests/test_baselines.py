@@ -62,7 +62,7 @@ def phantom(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lungs = np.maximum(lungs, _soft_inside(points, centre, LUNG_RADII))
     image = image * (1.0 - 0.8 * lungs)
     for vessel in VESSELS:
-        image += 0.5 * lungs * np.exp(-((points - vessel) ** 2).sum(-1) / (2 * 7.0 ** 2))
+        image += 0.5 * lungs * np.exp(-((points - vessel) ** 2).sum(-1) / (2 * 7.0**2))
     return np.clip(image, 0.0, 1.0).astype(np.float32), lungs > 0.5
 
 
@@ -71,8 +71,15 @@ def make_phase(grid: Grid, correspondence, landmarks: np.ndarray | None = None) 
     image, mask = phantom(correspondence(grid.voxel_centres()))
     table = pd.DataFrame(columns=["landmark", "x", "y", "z", "in_view"])
     if landmarks is not None:
-        table = pd.DataFrame({"landmark": [f"l{i}" for i in range(len(landmarks))], "x": landmarks[:, 0],
-                              "y": landmarks[:, 1], "z": landmarks[:, 2], "in_view": True})
+        table = pd.DataFrame(
+            {
+                "landmark": [f"l{i}" for i in range(len(landmarks))],
+                "x": landmarks[:, 0],
+                "y": landmarks[:, 1],
+                "z": landmarks[:, 2],
+                "in_view": True,
+            }
+        )
     return Phase(image_from_array(image, grid), mask, grid, table)
 
 
@@ -109,7 +116,7 @@ def test_pyramid_keeps_enough_voxels_at_the_coarsest_level():
     factors, sigmas = common.pyramid_schedule((150, 110, 55), (2.1, 2.1, 4.7), 200_000)
     assert factors == [4, 2, 1] and sigmas == pytest.approx([4.2, 2.1, 0.0])
     for factor in factors:
-        assert min(np.asarray((150, 110, 55)) // factor) >= 12 and 200_000 / factor ** 3 >= 1000
+        assert min(np.asarray((150, 110, 55)) // factor) >= 12 and 200_000 / factor**3 >= 1000
     # few mask voxels limit the pyramid even when the box is large
     assert common.pyramid_schedule((150, 110, 55), (2.1, 2.1, 4.7), 3000)[0] == [1]
 
@@ -142,7 +149,10 @@ def test_sitk_affine_recovers_the_known_rotation_of_the_thorax_ct(cip_thorax_ct6
     tr = sitk.AffineTransform(sitk.ReadTransform(str(cip_thorax_ct64 / "tr.tfm")))
     truth = tr.GetInverse()
     rotation = np.asarray(moving.GetDirection()).reshape(3, 3)
-    header_map = lambda p: np.asarray(moving.GetOrigin()) + rotation @ (np.asarray(p) - np.asarray(fixed.GetOrigin()))
+
+    def header_map(p):
+        return np.asarray(moving.GetOrigin()) + rotation @ (np.asarray(p) - np.asarray(fixed.GetOrigin()))
+
     for p in ([0.0, 0.0, 0.0], [10.0, -100.0, -200.0]):
         np.testing.assert_allclose(truth.TransformPoint(p), header_map(p), atol=1e-6)
     np.testing.assert_allclose(np.asarray(tr.GetMatrix()).reshape(3, 3), rotation.T, atol=1e-9)
@@ -155,8 +165,11 @@ def test_sitk_affine_recovers_the_known_rotation_of_the_thorax_ct(cip_thorax_ct6
     assert abs(angle - 20.0) < 1.0
     np.testing.assert_allclose(matrix, rotation, atol=np.radians(1.0))
     # translation at the lung's centre (at the world origin it would mix in the rotation error)
-    centre = np.asarray(mask.TransformContinuousIndexToPhysicalPoint(
-        np.argwhere(sitk.GetArrayFromImage(mask))[:, ::-1].mean(0).tolist()))
+    centre = np.asarray(
+        mask.TransformContinuousIndexToPhysicalPoint(
+            np.argwhere(sitk.GetArrayFromImage(mask))[:, ::-1].mean(0).tolist()
+        )
+    )
     found = np.asarray(affine.TransformPoint(centre.tolist())) - centre
     expected = np.asarray(truth.TransformPoint(centre.tolist())) - centre
     assert np.linalg.norm(expected) > 20.0  # the shift is real
@@ -171,9 +184,15 @@ def _box_scene(grid: Grid, shift=(0.0, 0.0, 0.0)) -> tuple[sitk.Image, np.ndarra
     points = grid.voxel_centres() - np.asarray(shift)
     lo, hi = np.array([-16.0, -12.0, -8.0]), np.array([16.0, 12.0, 8.0])
     inside = np.all((points > lo) & (points < hi), axis=-1)
-    texture = 0.5 + 0.25 * np.sin(points[..., 0] / 4.0) * np.cos(points[..., 1] / 5.0) + 0.1 * np.sin(points[..., 2] / 3.0)
-    image = image_from_array(sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(
-        image_from_array((inside * texture).astype(np.float32), grid), 1.5)), grid)
+    texture = (
+        0.5 + 0.25 * np.sin(points[..., 0] / 4.0) * np.cos(points[..., 1] / 5.0) + 0.1 * np.sin(points[..., 2] / 3.0)
+    )
+    image = image_from_array(
+        sitk.GetArrayFromImage(
+            sitk.SmoothingRecursiveGaussian(image_from_array((inside * texture).astype(np.float32), grid), 1.5)
+        ),
+        grid,
+    )
     return image, np.all((points > lo - 5) & (points < hi + 5), axis=-1)
 
 
@@ -219,10 +238,13 @@ def test_no_overlap_raises_a_clear_error_naming_the_pair():
     corner[:3, :3, :3] = True
     tiny = centred_grid((6, 6, 4), (6.0, 6.0, 8.0))
     with pytest.raises(RegistrationError, match="corner pair: only 0.0%"):
-        sitk_affine(fixed.image, make_phase(tiny, lambda p: p).image, corner, {"initializer": "geometry"}, "corner pair")
+        sitk_affine(
+            fixed.image, make_phase(tiny, lambda p: p).image, corner, {"initializer": "geometry"}, "corner pair"
+        )
     # on_error: identity keeps the chunk going, with the failure in the flag
     result = build_baseline("sitk_demons", {"initializer": "none", "on_error": "identity"}, 1).register(
-        [loaded_pair(fixed, moving)])[0]
+        [loaded_pair(fixed, moving)]
+    )[0]
     assert result.notes["flag"] == "failed" and "only 0.0%" in result.notes["stop_condition"]
 
 
@@ -234,11 +256,15 @@ def test_zero_iteration_runs_are_flagged():
     assert "rigid:zero_iterations" in notes["linear_flag"] and "affine:zero_iterations" in notes["linear_flag"]
     result = build_baseline("sitk_demons", {"demons_iterations": [0]}, 1).register([loaded_pair(fixed, moving)])[0]
     assert "deformable:zero_iterations" in result.notes["flag"]
-    assert common.assess_stage("GradientDescentOptimizerv4Template: Gradient magnitude tolerance met", 1, 1, True) \
+    assert (
+        common.assess_stage("GradientDescentOptimizerv4Template: Gradient magnitude tolerance met", 1, 1, True)
         == "zero_gradient"
+    )
     assert common.assess_stage("LBFGSBOptimizerv4: Function tolerance reached", 12, 12, True, 0.5, 0.2) == "ok"
-    assert common.assess_stage("x: Maximum number of iterations (100) exceeded", 100, 100, True, 0.2, 0.5) \
+    assert (
+        common.assess_stage("x: Maximum number of iterations (100) exceeded", 100, 100, True, 0.2, 0.5)
         == "metric_worse"
+    )
 
 
 # ------------------------------------------------------------------- conventions, both libraries
@@ -268,8 +294,16 @@ def test_a_known_translation_comes_out_with_the_right_sign(method):
     centre = grid.voxel_centres()[inside].mean(0)
     np.testing.assert_allclose(np.asarray(result.affine.TransformPoint(centre.tolist())) - centre, t, atol=1.5)
     # resampling the moving image through OUR field reproduces the library's own warped image
-    ours = sitk.GetArrayFromImage(sitk.Resample(moving.image, fixed.image, displacement_transform(result.displacement, grid),
-                                                sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    ours = sitk.GetArrayFromImage(
+        sitk.Resample(
+            moving.image,
+            fixed.image,
+            displacement_transform(result.displacement, grid),
+            sitk.sitkLinear,
+            0.0,
+            sitk.sitkFloat32,
+        )
+    )
     theirs = sitk.GetArrayFromImage(result.warped)
     assert Grid.of(result.warped).matches_grid(grid)
     np.testing.assert_allclose(ours[inside], theirs[inside], atol=2e-3)
@@ -287,7 +321,7 @@ def known_field(points: np.ndarray) -> np.ndarray:
     ("diaphragm" motion along z, expansion along x); max |du/dx| ~ 0.2."""
     u = np.broadcast_to(np.array([2.0, -1.5, 3.0]), points.shape).copy()
     for sign, centre in zip((-1.0, 1.0), LUNG_CENTRES):
-        bump = np.exp(-((points - (centre + [0.0, 0.0, -30.0])) ** 2).sum(-1) / (2 * 38.0 ** 2))
+        bump = np.exp(-((points - (centre + [0.0, 0.0, -30.0])) ** 2).sum(-1) / (2 * 38.0**2))
         u[..., 2] += 14.0 * bump
         u[..., 0] += sign * 6.0 * bump
     return u
@@ -295,8 +329,9 @@ def known_field(points: np.ndarray) -> np.ndarray:
 
 def test_syn_beats_unregistered_on_a_known_smooth_deformation():
     grid = centred_grid((40, 36, 24), (6.0, 6.0, 8.0))
-    landmarks = np.concatenate([c + np.array([[0, 0, 0], [12, 15, 20], [-10, -12, -25], [8, -18, 10], [-5, 10, -12]])
-                                for c in LUNG_CENTRES]).astype(float)
+    landmarks = np.concatenate(
+        [c + np.array([[0, 0, 0], [12, 15, 20], [-10, -12, -25], [8, -18, 10], [-5, 10, -12]]) for c in LUNG_CENTRES]
+    ).astype(float)
     fixed = make_phase(grid, lambda p: p + known_field(p), landmarks)
     moving = make_phase(grid, lambda p: p, landmarks + known_field(landmarks))
     result = build_baseline("syn", {}, 1).register([loaded_pair(fixed, moving)])[0]
@@ -310,5 +345,10 @@ def test_syn_beats_unregistered_on_a_known_smooth_deformation():
     error = np.linalg.norm(result.displacement - known_field(grid.voxel_centres()), axis=-1)[fixed.mask]
     assert np.median(error) < 3.0
     assert registered["jacobian_fraction_nonpositive"] == 0.0
-    np.testing.assert_allclose(metrics.landmark_errors(known_field(grid.voxel_centres()), grid, landmarks,
-                                                       landmarks + known_field(landmarks))[:, 3], 0, atol=0.6)
+    np.testing.assert_allclose(
+        metrics.landmark_errors(known_field(grid.voxel_centres()), grid, landmarks, landmarks + known_field(landmarks))[
+            :, 3
+        ],
+        0,
+        atol=0.6,
+    )

@@ -16,7 +16,17 @@ from sklearn import metrics as skm
 from lungreg import io, torch_io
 from lungreg.classify.cnn import CnnSettings, FieldScaler, predict_cnn, prepare_cnn_input, train_cnn
 from lungreg.classify.crossval import cross_validate_table, run_fold
-from lungreg.classify.features import REGIONS, build_features, center_fields, lung_regions, read_field, read_fields, read_mask, read_regional_features, regional_features
+from lungreg.classify.features import (
+    REGIONS,
+    build_features,
+    center_fields,
+    lung_regions,
+    read_field,
+    read_fields,
+    read_mask,
+    read_regional_features,
+    regional_features,
+)
 from lungreg.classify.folds import make_folds, predictions_frame, split_fold
 from lungreg.classify.summary import COUNTS, METRICS, SUMMARY_COLUMNS, classification_metrics, summarize
 from lungreg.study import feasibility
@@ -29,8 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 def labelled_cohort(n_healthy: int, n_ild: int, n_unlabelled: int = 0) -> pd.DataFrame:
     labels = ["healthy"] * n_healthy + ["ILD"] * n_ild + [""] * n_unlabelled
     order = np.random.default_rng(0).permutation(len(labels))
-    return pd.DataFrame({"subject": [f"sub-{i:03d}" for i in range(1, len(labels) + 1)],
-                         "label": [labels[i] for i in order]})
+    return pd.DataFrame(
+        {"subject": [f"sub-{i:03d}" for i in range(1, len(labels) + 1)], "label": [labels[i] for i in order]}
+    )
 
 
 # --------------------------------------------------------------------------------- folds
@@ -155,8 +166,11 @@ def test_features_job_writes_masked_fields_and_regional_statistics_without_label
 
 def regional_table(n: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
-    return pd.DataFrame(rng.normal(size=(n, 4)) * [1, 10, 100, 0.1] + [0, 5, -50, 1],
-                        index=[f"sub-{i:03d}" for i in range(1, n + 1)], columns=list("abcd"))
+    return pd.DataFrame(
+        rng.normal(size=(n, 4)) * [1, 10, 100, 0.1] + [0, 5, -50, 1],
+        index=[f"sub-{i:03d}" for i in range(1, n + 1)],
+        columns=list("abcd"),
+    )
 
 
 def test_scaling_is_fitted_on_the_training_fold_only(tmp_path):
@@ -170,8 +184,16 @@ def test_scaling_is_fitted_on_the_training_fold_only(tmp_path):
         table = features.copy()
         table.loc[test["subject"]] += shift
         io.write_table(table.rename_axis("subject").reset_index(), tmp_path / f"{variant}.tsv")
-        run_fold("logistic", 0, tmp_path / "folds.tsv", tmp_path / f"{variant}.tsv", {}, 0,
-                          tmp_path / f"{variant}_predictions.tsv", tmp_path / f"{variant}.pt")
+        run_fold(
+            "logistic",
+            0,
+            tmp_path / "folds.tsv",
+            tmp_path / f"{variant}.tsv",
+            {},
+            0,
+            tmp_path / f"{variant}_predictions.tsv",
+            tmp_path / f"{variant}.pt",
+        )
         models.append(torch_io.load_torch(tmp_path / f"{variant}.pt")["model"])
     scaler_a, scaler_b = models[0].named_steps["standardscaler"], models[1].named_steps["standardscaler"]
     written = read_regional_features(tmp_path / "a.tsv")  # as the job read it (6 digits)
@@ -188,10 +210,24 @@ def test_scaling_is_fitted_on_the_training_fold_only(tmp_path):
     for variant, factor in (("a", 1.0), ("b", 100.0)):
         changed = fields.copy()
         changed[folds["fold"].to_numpy() == 0] *= factor
-        torch_io.save_torch({"subjects": folds["subject"].tolist(), "fields": torch.from_numpy(changed),
-                       "masks": torch.from_numpy(masks)}, tmp_path / f"{variant}_fields.pt")
-        run_fold("cnn", 0, tmp_path / "folds.tsv", tmp_path / f"{variant}_fields.pt", cnn, 0,
-                          tmp_path / f"{variant}_cnn.tsv", tmp_path / f"{variant}_cnn.pt")
+        torch_io.save_torch(
+            {
+                "subjects": folds["subject"].tolist(),
+                "fields": torch.from_numpy(changed),
+                "masks": torch.from_numpy(masks),
+            },
+            tmp_path / f"{variant}_fields.pt",
+        )
+        run_fold(
+            "cnn",
+            0,
+            tmp_path / "folds.tsv",
+            tmp_path / f"{variant}_fields.pt",
+            cnn,
+            0,
+            tmp_path / f"{variant}_cnn.tsv",
+            tmp_path / f"{variant}_cnn.pt",
+        )
         scales.append(torch_io.load_torch(tmp_path / f"{variant}_cnn.pt")["scaler"])
     assert scales[0] == scales[1]
     prepared = center_fields(fields, masks)[folds["fold"].to_numpy() != 0]
@@ -243,7 +279,8 @@ FOLD_SEEDS = (0, 1, 2)
 def ground_truth_features(effect_size: float, seed: int, root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Regional features of the exact exhale-fixed fields of a synthetic cohort."""
     settings = SyntheticCohortSettings.from_config(
-        {"n_subjects": N_SUBJECTS, "n_ild": N_ILD, "shape": SHAPE, "effect_size": effect_size, "seed": seed})
+        {"n_subjects": N_SUBJECTS, "n_ild": N_ILD, "shape": SHAPE, "effect_size": effect_size, "seed": seed}
+    )
     subjects = subject_table(settings)
     rows = []
     for subject in subjects["subject"]:
@@ -259,8 +296,9 @@ def cross_validated_balanced_accuracy(subjects: pd.DataFrame, features: pd.DataF
     folds = make_folds(subjects, 5, fold_seed)
     predictions = cross_validate_table(features, folds, "logistic", {}, seed=0)
     assert sorted(predictions["subject"]) == sorted(subjects["subject"])
-    return classification_metrics(predictions["label"], predictions["probability"],
-                                           predictions["predicted"])["balanced_accuracy"]
+    return classification_metrics(predictions["label"], predictions["probability"], predictions["predicted"])[
+        "balanced_accuracy"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -272,12 +310,17 @@ def test_no_effect_gives_chance_and_a_strong_effect_is_detected(synthetic_root):
     """Effect size 0: both groups come from one distribution, so cross-validated balanced
     accuracy must be at chance (0.5 +- 0.2 averaged over 3 cohorts x 3 fold seeds; a leak of
     the test labels would push it up).  Three times the default effect: >= 0.8."""
-    null = [cross_validated_balanced_accuracy(*ground_truth_features(0.0, seed, synthetic_root), fold_seed)
-            for seed in (1, 2, 3) for fold_seed in FOLD_SEEDS]
+    null = [
+        cross_validated_balanced_accuracy(*ground_truth_features(0.0, seed, synthetic_root), fold_seed)
+        for seed in (1, 2, 3)
+        for fold_seed in FOLD_SEEDS
+    ]
     strong_cohort = ground_truth_features(3.0, 1, synthetic_root)
     strong = [cross_validated_balanced_accuracy(*strong_cohort, fold_seed) for fold_seed in FOLD_SEEDS]
-    print(f"balanced accuracy, effect 0: {np.round(null, 3)} mean {np.mean(null):.3f}; "
-          f"effect 3: {np.round(strong, 3)} mean {np.mean(strong):.3f}")
+    print(
+        f"balanced accuracy, effect 0: {np.round(null, 3)} mean {np.mean(null):.3f}; "
+        f"effect 3: {np.round(strong, 3)} mean {np.mean(strong):.3f}"
+    )
     assert abs(np.mean(null) - 0.5) <= 0.2
     assert np.mean(strong) >= 0.8
 
@@ -291,20 +334,39 @@ def dry_run(tmp_path: Path, config: str, *targets: str) -> str:
     extra = tmp_path / "extra.yaml"
     extra.write_text(config)
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
-         "--configfile", str(REPO / "tests/config/tiny.yaml"), str(extra), "--", *targets],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(REPO / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "-n",
+            "--configfile",
+            str(REPO / "tests/config/tiny.yaml"),
+            str(extra),
+            "--",
+            *targets,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
 def test_dry_run_has_one_job_per_classifier_and_fold(tmp_path):
-    output = dry_run(tmp_path, "synthetic: {n_subjects: 12, n_ild: 6}\n"
-                               "classify: {classifiers: [cnn, logistic, random_forest]}\n",
-                     "results/tables/classification.tsv")
+    output = dry_run(
+        tmp_path,
+        "synthetic: {n_subjects: 12, n_ild: 6}\nclassify: {classifiers: [cnn, logistic, random_forest]}\n",
+        "results/tables/classification.tsv",
+    )
     jobs = re.findall(r"rule (classify_\w+):\n(?:    .*\n)*?    wildcards: classifier=(\w+), fold=(\d+)", output)
     assert sorted({(c, int(k)) for _, c, k in jobs}) == [
-        (c, k) for c in ("cnn", "logistic", "random_forest") for k in range(5)]
+        (c, k) for c in ("cnn", "logistic", "random_forest") for k in range(5)
+    ]
     assert len(jobs) == 15
     assert {rule for rule, c, _ in jobs if c == "cnn"} == {"classify_cnn"}
     for rule, count in (("classify_folds", 1), ("classify_features", 1), ("classify_summary", 1)):

@@ -36,8 +36,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *expected: str) -
 
 
 def same_grid(a: Grid, b: Grid) -> bool:
-    return a.size == b.size and all(np.allclose(getattr(a, k), getattr(b, k), atol=1e-5)
-                                    for k in ("spacing", "origin", "direction"))
+    return a.size == b.size and all(
+        np.allclose(getattr(a, k), getattr(b, k), atol=1e-5) for k in ("spacing", "origin", "direction")
+    )
 
 
 def read(path: Path) -> np.ndarray:
@@ -51,10 +52,27 @@ def test_help_explains_the_outputs_and_how_to_apply_them():
     result = lungreg("register", "--help")
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    for needed in ("displacement.nii.gz", "affine.tfm", "warped.nii.gz", "warped_original.nii.gz", "warped_mask.nii.gz",
-                   "fixed_landmarks_in_moving.csv", "T(x) = x + u(x)", "LPS", "mm", "fixed grid",
-                   "sitk.DisplacementFieldTransform", "sitk.Resample", "ants.apply_transforms", "antsApplyTransforms",
-                   "--model", "--out", "--moving-mask", "--fixed-landmarks", "--preprocessed"):
+    for needed in (
+        "displacement.nii.gz",
+        "affine.tfm",
+        "warped.nii.gz",
+        "warped_original.nii.gz",
+        "warped_mask.nii.gz",
+        "fixed_landmarks_in_moving.csv",
+        "T(x) = x + u(x)",
+        "LPS",
+        "mm",
+        "fixed grid",
+        "sitk.DisplacementFieldTransform",
+        "sitk.Resample",
+        "ants.apply_transforms",
+        "antsApplyTransforms",
+        "--model",
+        "--out",
+        "--moving-mask",
+        "--fixed-landmarks",
+        "--preprocessed",
+    ):
         assert needed in text, needed
     top = lungreg("--help")
     assert top.returncode == 0 and "register" in top.stdout
@@ -90,18 +108,22 @@ def in_process(capsys, *arguments) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(arguments, code, captured.out, captured.err)
 
 
-@pytest.mark.parametrize("fixed, moving, model, expected", [
-    ("missing", "volume", "text", ("missing.nii.gz", "file not found")),
-    ("volume", "missing", "text", ("missing.nii.gz", "file not found")),
-    ("flat", "volume", "text", ("flat.nii.gz", "not a 3D image (2D, 12 x 10 voxels)")),
-    ("volume", "vector", "text", ("vector.nii.gz", "3 components per voxel")),
-    ("volume", "nan", "text", ("nan.nii.gz", "NaN")),
-    ("volume", "volume", "missing", ("missing.nii.gz", "model file not found")),
-    ("volume", "volume", "text", ("model.pt", "not a readable lungreg model")),
-])
+@pytest.mark.parametrize(
+    "fixed, moving, model, expected",
+    [
+        ("missing", "volume", "text", ("missing.nii.gz", "file not found")),
+        ("volume", "missing", "text", ("missing.nii.gz", "file not found")),
+        ("flat", "volume", "text", ("flat.nii.gz", "not a 3D image (2D, 12 x 10 voxels)")),
+        ("volume", "vector", "text", ("vector.nii.gz", "3 components per voxel")),
+        ("volume", "nan", "text", ("nan.nii.gz", "NaN")),
+        ("volume", "volume", "missing", ("missing.nii.gz", "model file not found")),
+        ("volume", "volume", "text", ("model.pt", "not a readable lungreg model")),
+    ],
+)
 def test_bad_input_gives_one_line_and_exit_code_1(images, tmp_path, capsys, fixed, moving, model, expected):
-    result = in_process(capsys, "register", "--model", images[model], images[fixed], images[moving],
-                        "--out", tmp_path / "out")
+    result = in_process(
+        capsys, "register", "--model", images[model], images[fixed], images[moving], "--out", tmp_path / "out"
+    )
     assert_one_line_error(result, *expected)
     assert not (tmp_path / "out").exists()  # nothing written
 
@@ -129,9 +151,15 @@ def study_pair(tiny_study) -> dict:
     assert moving_subject == fixed_subject
     raw = tiny_study / "results/cohort/synthetic" / fixed_subject
     pre = tiny_study / "results/preprocessed" / fixed_subject
-    return {"folder": folder, "chunk_landmarks": folder.parent.with_name(f"{folder.parent.name}_landmarks.tsv"),
-            "model": tiny_study / "results/model/proposed/model.pt", "raw": raw, "pre": pre,
-            "fixed_phase": fixed_phase, "moving_phase": moving_phase}
+    return {
+        "folder": folder,
+        "chunk_landmarks": folder.parent.with_name(f"{folder.parent.name}_landmarks.tsv"),
+        "model": tiny_study / "results/model/proposed/model.pt",
+        "raw": raw,
+        "pre": pre,
+        "fixed_phase": fixed_phase,
+        "moving_phase": moving_phase,
+    }
 
 
 @pytest.mark.workflow
@@ -140,12 +168,30 @@ def test_register_raw_images_reproduces_the_workflow(study_pair, tmp_path):
     workflow's files, on the preprocessed fixed grid, with the workflow's numbers."""
     raw, pre, f, m = study_pair["raw"], study_pair["pre"], study_pair["fixed_phase"], study_pair["moving_phase"]
     out = tmp_path / "out"
-    result = lungreg("register", "--model", study_pair["model"], raw / f"{f}.nii.gz", raw / f"{m}.nii.gz",
-                     "--out", out, "--moving-mask", raw / f"{m}_mask.nii.gz",
-                     "--fixed-landmarks", raw / f"{f}_landmarks.csv", "--device", "cpu")
+    result = lungreg(
+        "register",
+        "--model",
+        study_pair["model"],
+        raw / f"{f}.nii.gz",
+        raw / f"{m}.nii.gz",
+        "--out",
+        out,
+        "--moving-mask",
+        raw / f"{m}_mask.nii.gz",
+        "--fixed-landmarks",
+        raw / f"{f}_landmarks.csv",
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr
-    names = ["displacement.nii.gz", "affine.tfm", "warped.nii.gz", "warped_original.nii.gz", "warped_mask.nii.gz",
-             "fixed_landmarks_in_moving.csv"]
+    names = [
+        "displacement.nii.gz",
+        "affine.tfm",
+        "warped.nii.gz",
+        "warped_original.nii.gz",
+        "warped_mask.nii.gz",
+        "fixed_landmarks_in_moving.csv",
+    ]
     assert result.stdout.split() == [str(out / n) for n in names]
 
     fixed_grid = Grid.of(sitk.ReadImage(str(pre / f"{f}_image.nii.gz")))
@@ -176,18 +222,34 @@ def test_register_raw_images_reproduces_the_workflow(study_pair, tmp_path):
     assert len(errors) > 0 and mapped["in_grid"].all()
     residual = (mapped[["x", "y", "z"]] - moving_points[["x", "y", "z"]]).abs().set_axis(["dx", "dy", "dz"], axis=1)
     residual.index = mapped["landmark"]
-    np.testing.assert_allclose(residual.loc[errors.index].to_numpy(), errors[["dx", "dy", "dz"]].to_numpy(), atol=LANDMARK_MM)
+    np.testing.assert_allclose(
+        residual.loc[errors.index].to_numpy(), errors[["dx", "dy", "dz"]].to_numpy(), atol=LANDMARK_MM
+    )
 
 
 @pytest.mark.workflow
 def test_register_preprocessed_images_reproduces_the_workflow(study_pair, tmp_path):
     pre, f, m = study_pair["pre"], study_pair["fixed_phase"], study_pair["moving_phase"]
     out = tmp_path / "out"
-    result = lungreg("register", "--model", study_pair["model"], pre / f"{f}_image.nii.gz", pre / f"{m}_image.nii.gz",
-                     "--out", out, "--moving-mask", pre / f"{m}_mask.nii.gz", "--preprocessed")
+    result = lungreg(
+        "register",
+        "--model",
+        study_pair["model"],
+        pre / f"{f}_image.nii.gz",
+        pre / f"{m}_image.nii.gz",
+        "--out",
+        out,
+        "--moving-mask",
+        pre / f"{m}_mask.nii.gz",
+        "--preprocessed",
+    )
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["affine.tfm", "displacement.nii.gz", "warped.nii.gz",
-                                                     "warped_mask.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "affine.tfm",
+        "displacement.nii.gz",
+        "warped.nii.gz",
+        "warped_mask.nii.gz",
+    ]
     assert np.abs(read(out / "warped.nii.gz") - read(study_pair["folder"] / "warped.nii.gz")).max() < WARPED_MAX
     assert np.array_equal(read(out / "warped_mask.nii.gz"), read(study_pair["folder"] / "warped_mask.nii.gz"))
 
@@ -195,6 +257,14 @@ def test_register_preprocessed_images_reproduces_the_workflow(study_pair, tmp_pa
 @pytest.mark.workflow
 def test_preprocessed_flag_refuses_raw_images(study_pair, tmp_path):
     raw, f, m = study_pair["raw"], study_pair["fixed_phase"], study_pair["moving_phase"]
-    result = lungreg("register", "--model", study_pair["model"], raw / f"{f}.nii.gz", raw / f"{m}.nii.gz",
-                     "--out", tmp_path / "out", "--preprocessed")
+    result = lungreg(
+        "register",
+        "--model",
+        study_pair["model"],
+        raw / f"{f}.nii.gz",
+        raw / f"{m}.nii.gz",
+        "--out",
+        tmp_path / "out",
+        "--preprocessed",
+    )
     assert_one_line_error(result, "is not the model's", "drop --preprocessed")

@@ -15,13 +15,12 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from lungreg.io import read_landmarks
 from lungreg.synthetic import anatomy
 from lungreg.synthetic.anatomy import LANDMARK_NAMES
 from lungreg.synthetic.calibration import calibration_accuracy
 from lungreg.synthetic.render import OUTPUT_FILES, synthesize_subject
 from lungreg.synthetic.settings import SyntheticCohortSettings, subject_table
-from lungreg.geometry import Grid
-from lungreg.io import read_landmarks
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +133,12 @@ def test_outputs_have_the_promised_types_grid_and_contents(small_cohort):
     for subject in settings.subject_ids():
         folder = root / subject
         assert sorted(p.name for p in folder.iterdir()) == sorted(OUTPUT_FILES)
-        for name, pixel in (("inhale", sitk.sitkFloat32), ("exhale", sitk.sitkFloat32),
-                            ("inhale_mask", sitk.sitkUInt8), ("exhale_mask", sitk.sitkUInt8)):
+        for name, pixel in (
+            ("inhale", sitk.sitkFloat32),
+            ("exhale", sitk.sitkFloat32),
+            ("inhale_mask", sitk.sitkUInt8),
+            ("exhale_mask", sitk.sitkUInt8),
+        ):
             image = sitk.ReadImage(str(folder / f"{name}.nii.gz"))
             assert image.GetPixelID() == pixel and settings.grid.matches(image), name
         for name in ("gt_displacement_fixed-exhale.nii.gz", "gt_displacement_fixed-inhale.nii.gz"):
@@ -166,9 +169,15 @@ def test_ground_truth_fields_map_the_landmarks_to_each_other_subvoxel(small_coho
         to_exhale = np.array([fixed_inhale.TransformPoint(tuple(p)) for p in inhale])
         error_e = np.linalg.norm(to_inhale - inhale, axis=1)
         error_i = np.linalg.norm(to_exhale - exhale, axis=1)
-        log.info("%s landmark error through the stored fields: exhale-fixed max %.3f mm, inhale-fixed max %.3f mm "
-                 "(voxel %.1f mm; landmark motion up to %.1f mm)", subject, error_e.max(), error_i.max(), voxel,
-                 np.linalg.norm(exhale - inhale, axis=1).max())
+        log.info(
+            "%s landmark error through the stored fields: exhale-fixed max %.3f mm, inhale-fixed max %.3f mm "
+            "(voxel %.1f mm; landmark motion up to %.1f mm)",
+            subject,
+            error_e.max(),
+            error_i.max(),
+            voxel,
+            np.linalg.norm(exhale - inhale, axis=1).max(),
+        )
         assert error_e.max() < 0.1 * voxel and error_i.max() < 0.1 * voxel
         assert np.linalg.norm(exhale - inhale, axis=1).max() > 10, "the landmarks should move"
 
@@ -198,9 +207,16 @@ def test_inverse_field_has_a_tiny_residual_inside_the_lung(small_cohort):
         model, _ = anatomy.build_model(settings, subject)
         residual = np.linalg.norm(model.phi(y + field)[0] - y, axis=1)
         recorded = json.loads((folder / "parameters.json").read_text())["inverse_residual_mm"]
-        log.info("%s inverse residual |phi(x) - y|: lung mean %.2g max %.2g mm; whole FOV mean %.2g max %.2g mm, "
-                 "%.3f %% of voxels above 0.1 mm", subject, residual[lung].mean(), residual[lung].max(),
-                 residual.mean(), residual.max(), 100 * (residual > 0.1).mean())
+        log.info(
+            "%s inverse residual |phi(x) - y|: lung mean %.2g max %.2g mm; whole FOV mean %.2g max %.2g mm, "
+            "%.3f %% of voxels above 0.1 mm",
+            subject,
+            residual[lung].mean(),
+            residual[lung].max(),
+            residual.mean(),
+            residual.max(),
+            100 * (residual > 0.1).mean(),
+        )
         assert residual[lung].mean() < 1e-3 and residual[lung].max() < 1e-2
         assert (residual > 0.1).mean() < 0.005  # only thin slivers where the sliding lung leaves a gap
         assert recorded["lung_max"] < 1e-2
@@ -229,8 +245,15 @@ def test_ground_truth_field_explains_the_images(default_subjects):
         exhale_mask = _array(folder / "exhale_mask.nii.gz")
         dice = _dice(warped_mask, exhale_mask)
         unregistered.append(_dice(_array(folder / "inhale_mask.nii.gz"), exhale_mask))
-        log.info("%s MSE in body: identity %.0f, through GT %.0f (x%.1f); warped-mask Dice %.3f; unregistered %.3f",
-                 subject, mse_identity, mse_registered, mse_identity / mse_registered, dice, unregistered[-1])
+        log.info(
+            "%s MSE in body: identity %.0f, through GT %.0f (x%.1f); warped-mask Dice %.3f; unregistered %.3f",
+            subject,
+            mse_identity,
+            mse_registered,
+            mse_identity / mse_registered,
+            dice,
+            unregistered[-1],
+        )
         assert mse_registered < mse_identity / 8
         assert dice > 0.95
     assert 0.6 < np.mean(unregistered) < 0.85
@@ -272,8 +295,12 @@ def test_the_label_changes_only_motion_parameters_and_nothing_at_effect_zero():
     settings = SyntheticCohortSettings()
     motion_keys = {"basal_strain", "peripheral_reduction", "lateral_expansion", "ap_expansion", "heterogeneity_mm"}
     for effect in (settings.effect_size, 0.0):
-        drawn = [anatomy._draw_parameters(dataclasses.replace(settings, effect_size=effect),
-                                         anatomy._streams(settings, 4)[0], ild=ild) for ild in (False, True)]
+        drawn = [
+            anatomy._draw_parameters(
+                dataclasses.replace(settings, effect_size=effect), anatomy._streams(settings, 4)[0], ild=ild
+            )
+            for ild in (False, True)
+        ]
         differing = {k for k in drawn[0] if drawn[0][k] != drawn[1][k]} - {"label"}
         assert differing == (motion_keys if effect else set())
 

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import yaml
 from snakemake.utils import validate
+from workflow_runner import REPO
 
 from lungreg.classify.cnn import CnnSettings
 from lungreg.classify.tabular import sklearn_classifier
@@ -19,7 +20,6 @@ from lungreg.preprocess import PreprocessSettings
 from lungreg.registration.baselines.registrar import OPTIONS, resolve_options
 from lungreg.study import BASELINE_METHODS, CLASSIFIERS, NETWORK_METHODS, REGIONAL_CLASSIFIERS
 from lungreg.synthetic.settings import SyntheticCohortSettings
-from workflow_runner import REPO
 
 SCHEMA = REPO / "config" / "schemas" / "config.schema.yaml"
 WORKFLOW_KEYS = ("enabled", "protocols", "chunks")  # of a baseline section; the rest goes to the method
@@ -50,8 +50,11 @@ def library_defaults(cls) -> dict:
 def assert_library_agrees(cls, section: dict, given: dict | None = None) -> None:
     """The library builds `cls` from the section, and every default it keeps is the schema's."""
     settings_from(cls, section, cls.__name__, **(given or {}))
-    differing = {name: (value, section[name]) for name, value in library_defaults(cls).items()
-                 if name in section and value != section[name]}
+    differing = {
+        name: (value, section[name])
+        for name, value in library_defaults(cls).items()
+        if name in section and value != section[name]
+    }
     assert not differing, f"{cls.__name__}: library default != workflow default: {differing}"
 
 
@@ -77,19 +80,30 @@ def test_the_library_keeps_no_default_the_schema_does_not_have(config):
 
 
 def test_the_knobs_of_the_paper_versus_this_study_have_no_library_default():
-    required = {cls: [f.name for f in dataclasses.fields(cls) if f.name not in library_defaults(cls)]
-                for cls in (ModelSettings, LossSettings, TrainSettings)}
+    required = {
+        cls: [f.name for f in dataclasses.fields(cls) if f.name not in library_defaults(cls)]
+        for cls in (ModelSettings, LossSettings, TrainSettings)
+    }
     assert required == {ModelSettings: ["width"], LossSettings: ["beta", "mask_weighted"], TrainSettings: ["epochs"]}
 
 
 def test_validate_fills_nested_sections_and_defaults_beside_a_ref():
-    minimal = {"subjects": None, "preprocess": {"intensity_range": [0, 1], "factor": 1, "grid_shape": [8, 8, 8]},
-               "split": {"n_validation": 1}, "network": {"variants": ["proposed"]}, "model": {"width": 1},
-               "loss": {"beta": 1e-6, "mask_weighted": False}, "train": {"epochs": 1},
-               "inference": {"protocols": ["inhale_exhale"], "chunks": {"inhale_exhale": 1, "all_combinations": 1,
-                                                                         "cohort": 1}},
-               "threads": {"gpu_jobs": 1, "baselines": 1},
-               "baselines": {m: {"enabled": False} for m in BASELINE_METHODS}, "classify": {"classifiers": ["cnn"]}}
+    minimal = {
+        "subjects": None,
+        "preprocess": {"intensity_range": [0, 1], "factor": 1, "grid_shape": [8, 8, 8]},
+        "split": {"n_validation": 1},
+        "network": {"variants": ["proposed"]},
+        "model": {"width": 1},
+        "loss": {"beta": 1e-6, "mask_weighted": False},
+        "train": {"epochs": 1},
+        "inference": {
+            "protocols": ["inhale_exhale"],
+            "chunks": {"inhale_exhale": 1, "all_combinations": 1, "cohort": 1},
+        },
+        "threads": {"gpu_jobs": 1, "baselines": 1},
+        "baselines": {m: {"enabled": False} for m in BASELINE_METHODS},
+        "classify": {"classifiers": ["cnn"]},
+    }
     config = effective(minimal)
     assert config["network"]["training_pairs"] == {"both_directions": False, "inter_patient": False}
     assert config["train"]["compile"] is False and config["inference"]["compile"] is False  # default beside $ref

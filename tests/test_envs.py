@@ -15,19 +15,30 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from workflow_runner import REPO, copy_workflow, snakemake, workflow_rules
 
 # conda-forge names that differ from the PyPI names pyproject.toml uses (canonical, lower case)
-CONDA_TO_PIP = {"pytorch": "torch", "pytorch-cpu": "torch", "pytorch-gpu": "torch", "simpleitk": "simpleitk",
-                "py-opencv": "opencv-python", "matplotlib-base": "matplotlib", "snakemake-minimal": "snakemake"}
+CONDA_TO_PIP = {
+    "pytorch": "torch",
+    "pytorch-cpu": "torch",
+    "pytorch-gpu": "torch",
+    "simpleitk": "simpleitk",
+    "py-opencv": "opencv-python",
+    "matplotlib-base": "matplotlib",
+    "snakemake-minimal": "snakemake",
+}
 # top-level import names whose distribution is named otherwise
-MODULE_TO_PIP = {"SimpleITK": "simpleitk", "sklearn": "scikit-learn", "yaml": "pyyaml", "ants": "antspyx",
-                 "PIL": "pillow", "skimage": "scikit-image"}
+MODULE_TO_PIP = {
+    "SimpleITK": "simpleitk",
+    "sklearn": "scikit-learn",
+    "yaml": "pyyaml",
+    "ants": "antspyx",
+    "PIL": "pillow",
+    "skimage": "scikit-image",
+}
 # provided by the Snakemake that runs the job (the script preamble), not by the rule's env
 PROVIDED = {"snakemake", "lungreg"}
 NOT_PACKAGES = {"python", "pip"}
-
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -41,8 +52,7 @@ def canonical(name: str) -> str:
 
 def parse_pip_requirement(text: str) -> tuple[str, str | None]:
     """'SimpleITK==2.5.7' -> ('simpleitk', '2.5.7'); None unless pinned exactly with ==."""
-    match = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._\-\[\], ]*?)\s*(?:==\s*([^\s;,]+))?\s*(?:[<>=!~].*)?(;.*)?",
-                         text)
+    match = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._\-\[\], ]*?)\s*(?:==\s*([^\s;,]+))?\s*(?:[<>=!~].*)?(;.*)?", text)
     if not match:
         raise ValueError(f"cannot parse requirement {text!r}")
     return canonical(match.group(1)), match.group(2)
@@ -208,14 +218,20 @@ def test_env_pins_agree_with_pyproject(env):
 
 def test_pin_checker_catches_conda_and_pip_disagreements(tmp_path):
     env = tmp_path / "env.yaml"
-    env.write_text("channels: [conda-forge]\ndependencies:\n  - python=3.11\n  - pytorch=2.0.1\n"
-                   "  - conda-forge::simpleitk==2.5.7=py311h_0\n  - scipy>=1\n"
-                   "  - pip:\n      - scikit_learn==1.0\n      - nibabel==5.4.2\n      - antspyx\n")
+    env.write_text(
+        "channels: [conda-forge]\ndependencies:\n  - python=3.11\n  - pytorch=2.0.1\n"
+        "  - conda-forge::simpleitk==2.5.7=py311h_0\n  - scipy>=1\n"
+        "  - pip:\n      - scikit_learn==1.0\n      - nibabel==5.4.2\n      - antspyx\n"
+    )
     pins = env_pins(env)
     assert pins["torch"] == ("2.0.1", "conda") and pins["simpleitk"] == ("2.5.7", "conda")
     problems = pin_disagreements(pins, pyproject_pins())
-    assert problems == ["antspyx (pip) is not pinned to one version", "scikit-learn (pip) 1.0 != pyproject 1.9.1",
-                        "scipy (conda) is not pinned to one version", "torch (conda) 2.0.1 != pyproject 2.13.0"]
+    assert problems == [
+        "antspyx (pip) is not pinned to one version",
+        "scikit-learn (pip) 1.0 != pyproject 1.9.1",
+        "scipy (conda) is not pinned to one version",
+        "torch (conda) 2.0.1 != pyproject 2.13.0",
+    ]
 
 
 def test_each_rule_env_provides_what_its_script_imports(rules):
@@ -226,8 +242,9 @@ def test_each_rule_env_provides_what_its_script_imports(rules):
         provided = set(env_pins(Path(rule["conda"])))
         missing = third_party_imports(Path(rule["script"])) - provided
         if missing:
-            problems.append(f"{name}: {Path(rule['conda']).name} lacks {sorted(missing)} "
-                            f"(imported by {Path(rule['script']).name})")
+            problems.append(
+                f"{name}: {Path(rule['conda']).name} lacks {sorted(missing)} (imported by {Path(rule['script']).name})"
+            )
     assert not problems, "\n".join(problems)
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import SimpleITK as sitk
 import torch
 
-from lungreg import io, metrics
+from lungreg import metrics
 from lungreg.evaluate import Phase, evaluate_pair
 from lungreg.geometry import Grid, image_from_array
 from lungreg.network.model import ModelSettings, RegistrationNet
@@ -17,7 +16,9 @@ from lungreg.registration.network import NetworkRegistrar
 from lungreg.study import Pair
 from lungreg.tables import summary_tables
 
-ANISOTROPIC = Grid(size=(10, 8, 6), spacing=(1.0, 2.0, 4.0), origin=(5.0, -3.0, 10.0), direction=tuple(np.eye(3).ravel()))
+ANISOTROPIC = Grid(
+    size=(10, 8, 6), spacing=(1.0, 2.0, 4.0), origin=(5.0, -3.0, 10.0), direction=tuple(np.eye(3).ravel())
+)
 
 
 def test_dice_by_hand():
@@ -96,7 +97,9 @@ def make_phase(array: np.ndarray, grid: Grid, landmarks: np.ndarray) -> Phase:
 
 def blob(grid: Grid, centre_index) -> np.ndarray:
     k, j, i = np.meshgrid(*(np.arange(n) for n in grid.shape), indexing="ij")
-    return (((i - centre_index[0]) / 3) ** 2 + ((j - centre_index[1]) / 2.5) ** 2 + ((k - centre_index[2]) / 2) ** 2 < 1).astype(float)
+    return (
+        ((i - centre_index[0]) / 3) ** 2 + ((j - centre_index[1]) / 2.5) ** 2 + ((k - centre_index[2]) / 2) ** 2 < 1
+    ).astype(float)
 
 
 def test_all_outside_mask_gives_zero_dice():
@@ -118,7 +121,11 @@ def test_identity_transform_reproduces_the_unregistered_row_exactly():
     identity = IdentityRegistrar().register([item])[0]
     torch.manual_seed(0)
     network = NetworkRegistrar.__new__(NetworkRegistrar)  # the registrar around an untrained network
-    network.model, network.torch_device, network.bf16 = RegistrationNet(ModelSettings(width=0.125)).eval(), torch.device("cpu"), False
+    network.model, network.torch_device, network.bf16 = (
+        RegistrationNet(ModelSettings(width=0.125)).eval(),
+        torch.device("cpu"),
+        False,
+    )
     learned = network.register([item])[0]
     np.testing.assert_allclose(learned.displacement, identity.displacement, atol=1e-4)
     row_identity, _ = evaluate_pair(item.pair, fixed, moving, identity.displacement)
@@ -128,15 +135,35 @@ def test_identity_transform_reproduces_the_unregistered_row_exactly():
 
 
 def test_summary_tables_use_the_validation_subjects_only():
-    cohort = pd.DataFrame({"subject": ["a", "b", "c"], "label": ["ILD", "healthy", "ILD"], "split": ["train", "validation", "validation"]})
+    cohort = pd.DataFrame(
+        {"subject": ["a", "b", "c"], "label": ["ILD", "healthy", "ILD"], "split": ["train", "validation", "validation"]}
+    )
     rows = []
     for method, offset in (("unregistered", 0.0), ("proposed", 0.1)):
         for s, d in zip("abc", (0.1, 0.7, 0.8)):
-            rows.append({"method": method, "protocol": "inhale_exhale", "pair": f"{s}_inhale__{s}_exhale", "moving_subject": s,
-                         "fixed_subject": s, "dice": d + offset, "seconds": 1.0, "device": "cpu", "threads": 1,
-                         "jacobian_min": 0.5, "jacobian_fraction_nonpositive": 0.0, "log_jacobian_std": 0.1,
-                         "epe_mean": 1.0, "epe_p95": 2.0})
-    tables = summary_tables(pd.DataFrame(rows), pd.DataFrame(columns=["method", "protocol", "pair", "landmark", "in_view", "dx", "dy", "dz", "ds"]), cohort)
+            rows.append(
+                {
+                    "method": method,
+                    "protocol": "inhale_exhale",
+                    "pair": f"{s}_inhale__{s}_exhale",
+                    "moving_subject": s,
+                    "fixed_subject": s,
+                    "dice": d + offset,
+                    "seconds": 1.0,
+                    "device": "cpu",
+                    "threads": 1,
+                    "jacobian_min": 0.5,
+                    "jacobian_fraction_nonpositive": 0.0,
+                    "log_jacobian_std": 0.1,
+                    "epe_mean": 1.0,
+                    "epe_p95": 2.0,
+                }
+            )
+    tables = summary_tables(
+        pd.DataFrame(rows),
+        pd.DataFrame(columns=["method", "protocol", "pair", "landmark", "in_view", "dx", "dy", "dz", "ds"]),
+        cohort,
+    )
     table1 = tables["table1_dice"].set_index("method")
     assert list(table1.index) == ["unregistered", "proposed"]
     assert table1.loc["proposed", "inhale_exhale_dice_mean"] == pytest.approx(85.0)

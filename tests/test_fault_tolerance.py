@@ -32,10 +32,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+from workflow_runner import REPO, TINY, copy_workflow, job_counts, snakemake
 
 from lungreg import io, torch_io
 from lungreg.evaluate import TIMING_COLUMNS
-from workflow_runner import REPO, TINY, copy_workflow, job_counts, snakemake
 
 TABLES = ["pairs", "landmarks", "table1_dice", "table2_landmarks", "jacobian", "endpoint_error"]
 TABLE_TARGETS = [f"results/tables/{name}.tsv" for name in TABLES]  # rule tables, without the report
@@ -89,7 +89,8 @@ def table_differences(workdir: Path, reference: Path, paths: list[str]) -> dict[
 def assert_same_tables(workdir: Path, reference: Path, paths: list[str]) -> None:
     differences = table_differences(workdir, reference, paths)
     assert not differences, "tables differ from the reference run:\n" + "\n".join(
-        f"{path}: {difference}" for path, difference in differences.items())
+        f"{path}: {difference}" for path, difference in differences.items()
+    )
 
 
 def assert_same_model(path: Path, reference: Path) -> None:
@@ -142,11 +143,23 @@ class Run:
     def __init__(self, workdir: Path, targets: list[str]):
         self.workdir = workdir
         self.output = workdir / "snakemake_background.txt"
-        command = [sys.executable, "-m", "snakemake", "--cores", "2", "--resources", "gpu=1",
-                   "--configfile", str(TINY), "--", *targets]
+        command = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--cores",
+            "2",
+            "--resources",
+            "gpu=1",
+            "--configfile",
+            str(TINY),
+            "--",
+            *targets,
+        ]
         with open(self.output, "w") as stream:
-            self.process = subprocess.Popen(command, cwd=workdir, stdout=stream, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, cwd=workdir, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def tail(self) -> str:
         return self.output.read_text()[-6000:]
@@ -189,8 +202,11 @@ def rerun_after_kill(workdir: Path, targets: list[str], dry_run: bool = False) -
 
 @pytest.mark.workflow
 def test_training_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted_run(tiny_study, tmp_path):
-    workdir = copy_study(tiny_study, tmp_path / "study", ["results/model/proposed", "results/logs/train/proposed.log",
-                                                          "results/registration/proposed", *TABLE_TARGETS])
+    workdir = copy_study(
+        tiny_study,
+        tmp_path / "study",
+        ["results/model/proposed", "results/logs/train/proposed.log", "results/registration/proposed", *TABLE_TARGETS],
+    )
     model_folder = workdir / "results/model/proposed"
     train_log = workdir / "results/logs/train/proposed.log"
 
@@ -212,7 +228,7 @@ def test_training_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted
     resumed = re.search(r"resuming from \S*checkpoint\.pt after epoch (\d+)", text)
     assert resumed, f"the rerun did not resume from the checkpoint:\n{text[-3000:]}"
     assert int(resumed.group(1)) >= 1
-    after = text[resumed.end():]
+    after = text[resumed.end() :]
     assert "epoch 1/" not in after, "the resumed training started again at epoch 1"
     assert_same_model(model_folder / "model.pt", tiny_study / "results/model/proposed/model.pt")
     assert_same_tables(workdir, tiny_study, ["results/model/proposed/training_log.tsv", *TABLE_TARGETS])
@@ -228,11 +244,18 @@ def chunk_outputs(method: str, protocol: str, chunk: int) -> list[str]:
 
 @pytest.mark.workflow
 def test_registration_killed_midway_leaves_no_finished_looking_output_and_reruns_only_missing_chunks(
-        tiny_study, tmp_path):
+    tiny_study, tmp_path
+):
     chunks = [("proposed", protocol, c) for protocol in ("inhale_exhale", "all_combinations") for c in (0, 1)]
-    workdir = copy_study(tiny_study, tmp_path / "study", [
-        *TABLE_TARGETS, *(p for c in chunks for p in chunk_outputs(*c)),
-        *(f"results/logs/register/{m}_{p}_{c}.log" for m, p, c in chunks)])
+    workdir = copy_study(
+        tiny_study,
+        tmp_path / "study",
+        [
+            *TABLE_TARGETS,
+            *(p for c in chunks for p in chunk_outputs(*c)),
+            *(f"results/logs/register/{m}_{p}_{c}.log" for m, p, c in chunks),
+        ],
+    )
 
     def states():
         marked = incomplete_outputs(workdir)
@@ -269,8 +292,11 @@ def test_registration_killed_midway_leaves_no_finished_looking_output_and_reruns
     counts = job_counts(plan.stdout)
     assert counts.get("register_network") == len(missing) and counts.get("tables") == 1, counts
     assert set(counts) <= {"register_network", "tables", "total"}, counts
-    planned = {(w["method"], w["protocol"], int(w["chunk"])) for rule, w in scheduled_jobs(plan.stdout)
-               if rule == "register_network"}
+    planned = {
+        (w["method"], w["protocol"], int(w["chunk"]))
+        for rule, w in scheduled_jobs(plan.stdout)
+        if rule == "register_network"
+    }
     assert planned == set(missing)
 
     finished = {c: (workdir / chunk_outputs(*c)[1]).stat().st_mtime_ns for c in done}
@@ -287,9 +313,17 @@ def fold_outputs(classifier: str, fold: int) -> list[str]:
 @pytest.mark.workflow
 def test_classifier_fold_killed_midway_reruns_only_the_missing_folds(tiny_study, tmp_path):
     folds = [("cnn", 1), ("cnn", 3), ("logistic", 0), ("logistic", 4)]
-    workdir = copy_study(tiny_study, tmp_path / "study", [
-        CLASSIFICATION_TARGET, "results/classification/predictions.tsv", "results/classification/roc.png",
-        *(p for f in folds for p in fold_outputs(*f)), *(f"results/logs/classify/{c}_fold-{k}.log" for c, k in folds)])
+    workdir = copy_study(
+        tiny_study,
+        tmp_path / "study",
+        [
+            CLASSIFICATION_TARGET,
+            "results/classification/predictions.tsv",
+            "results/classification/roc.png",
+            *(p for f in folds for p in fold_outputs(*f)),
+            *(f"results/logs/classify/{c}_fold-{k}.log" for c, k in folds),
+        ],
+    )
 
     def states():
         marked = incomplete_outputs(workdir)
@@ -312,8 +346,11 @@ def test_classifier_fold_killed_midway_reruns_only_the_missing_folds(tiny_study,
     plan = rerun_after_kill(workdir, [CLASSIFICATION_TARGET], dry_run=True)
     counts = job_counts(plan.stdout)
     assert set(counts) <= {"classify_cnn", "classify_sklearn", "classify_summary", "total"}, counts
-    planned = {(w["classifier"], int(w["fold"])) for rule, w in scheduled_jobs(plan.stdout) if rule.startswith("classify_")
-               and "fold" in w}
+    planned = {
+        (w["classifier"], int(w["fold"]))
+        for rule, w in scheduled_jobs(plan.stdout)
+        if rule.startswith("classify_") and "fold" in w
+    }
     assert planned == set(missing) and counts.get("classify_summary") == 1, (planned, counts)
 
     finished = {f: (workdir / fold_outputs(*f)[0]).stat().st_mtime_ns for f in done}
@@ -332,8 +369,11 @@ def test_two_clean_runs_give_byte_identical_tables(tiny_study, tmp_path):
     tables = sorted(str(p.relative_to(tiny_study)) for p in (tiny_study / "results/tables").glob("*.tsv"))
     assert len(tables) == len(TABLES) + 1
     assert_same_model(workdir / "results/model/proposed/model.pt", tiny_study / "results/model/proposed/model.pt")
-    assert_same_tables(workdir, tiny_study, [*tables, "results/model/proposed/training_log.tsv",
-                                             "results/classification/predictions.tsv"])
+    assert_same_tables(
+        workdir,
+        tiny_study,
+        [*tables, "results/model/proposed/training_log.tsv", "results/classification/predictions.tsv"],
+    )
 
 
 # ------------------------------------------------------------------------ 4. atomic writes
@@ -350,8 +390,9 @@ KILLED_WRITER = textwrap.dedent("""
 
 def test_a_killed_writer_leaves_no_file_under_the_final_name(tmp_path):
     target = tmp_path / "out" / "big.nii.gz"
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)],
-                              env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(target)], env={**os.environ, "PYTHONPATH": str(REPO / "src")}
+    )
     deadline = time.monotonic() + 120
     while not any(p.stat().st_size > 0 for p in target.parent.glob(".big.*")):
         assert writer.poll() is None, "the writer ended before it could be killed midway"
@@ -399,19 +440,46 @@ def test_a_writer_failing_halfway_leaves_the_previous_file_and_no_temporary(tmp_
         def write():
             with io.atomic_path(target) as tmp:
                 sitk.WriteTransform(sitk.AffineTransform(3), str(tmp))
+
     with pytest.raises(OSError, match="simulated"):
         write()
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
-WRITE_METHODS = {"WriteImage", "WriteTransform", "savefig", "image_write", "to_filename", "to_parquet",
-                 "to_excel", "to_pickle", "to_feather", "imwrite", "write_text", "write_bytes"}
+WRITE_METHODS = {
+    "WriteImage",
+    "WriteTransform",
+    "savefig",
+    "image_write",
+    "to_filename",
+    "to_parquet",
+    "to_excel",
+    "to_pickle",
+    "to_feather",
+    "imwrite",
+    "write_text",
+    "write_bytes",
+}
 STRING_OR_FILE = {"to_csv", "to_html", "to_json", "to_string", "to_latex", "to_markdown"}  # a string without a path
-MODULE_WRITERS = {("torch", "save"), ("np", "save"), ("np", "savez"), ("np", "savez_compressed"), ("np", "savetxt"),
-                  ("numpy", "save"), ("json", "dump"), ("pickle", "dump"), ("yaml", "dump"), ("yaml", "safe_dump"),
-                  ("shutil", "copy"), ("shutil", "copy2"), ("shutil", "copyfile"), ("shutil", "move"),
-                  ("sitk", "WriteImage"), ("sitk", "WriteTransform")}
+MODULE_WRITERS = {
+    ("torch", "save"),
+    ("np", "save"),
+    ("np", "savez"),
+    ("np", "savez_compressed"),
+    ("np", "savetxt"),
+    ("numpy", "save"),
+    ("json", "dump"),
+    ("pickle", "dump"),
+    ("yaml", "dump"),
+    ("yaml", "safe_dump"),
+    ("shutil", "copy"),
+    ("shutil", "copy2"),
+    ("shutil", "copyfile"),
+    ("shutil", "move"),
+    ("sitk", "WriteImage"),
+    ("sitk", "WriteTransform"),
+}
 SAFE_CONTEXTS = {"atomic_path", "TemporaryDirectory"}  # a hidden temporary beside the output / a private folder
 ALLOWED = {("src/lungreg/workflow.py", "open"): "the rule's log file, appended to line by line by design"}
 
@@ -432,8 +500,11 @@ def _direct_write(call: ast.Call) -> str | None:
         return f"{owner}.{name}"
     if isinstance(func, ast.Attribute) and name in WRITE_METHODS and owner != "io":
         return name
-    if isinstance(func, ast.Attribute) and name in STRING_OR_FILE and (call.args or any(
-            k.arg in ("path_or_buf", "buf") for k in call.keywords)):
+    if (
+        isinstance(func, ast.Attribute)
+        and name in STRING_OR_FILE
+        and (call.args or any(k.arg in ("path_or_buf", "buf") for k in call.keywords))
+    ):
         return name
     return None
 
@@ -443,8 +514,10 @@ class _DirectWrites(ast.NodeVisitor):
         self.safe, self.found = 0, []
 
     def visit_With(self, node):
-        safe = any(isinstance(i.context_expr, ast.Call) and _call_name(i.context_expr.func) in SAFE_CONTEXTS
-                   for i in node.items)
+        safe = any(
+            isinstance(i.context_expr, ast.Call) and _call_name(i.context_expr.func) in SAFE_CONTEXTS
+            for i in node.items
+        )
         for item in node.items:
             self.visit(item)
         self.safe += safe
@@ -488,8 +561,14 @@ def test_the_write_scan_catches_direct_writes():
     """)
     visitor = _DirectWrites()
     visitor.visit(ast.parse(sample))
-    assert [what for _, what in visitor.found] == ["to_csv", "sitk.WriteImage", "torch.save", "savefig", "open",
-                                                  "write_text"]
+    assert [what for _, what in visitor.found] == [
+        "to_csv",
+        "sitk.WriteImage",
+        "torch.save",
+        "savefig",
+        "open",
+        "write_text",
+    ]
 
 
 # ------------------------------------------------------------ 5. corrupt intermediate files
@@ -501,7 +580,7 @@ def failed_job_message(result: subprocess.CompletedProcess, log: Path, path: str
     expected = f"{path}: cannot be read"
     assert expected in text, f"the log does not name the corrupt file:\n{text[-3000:]}"
     assert expected in result.stdout + result.stderr, "snakemake's output does not show the message"
-    return text[text.index(expected):].splitlines()[0]
+    return text[text.index(expected) :].splitlines()[0]
 
 
 @pytest.mark.parametrize("name", ["image.nii.gz", "image.nii"])
@@ -509,8 +588,11 @@ def failed_job_message(result: subprocess.CompletedProcess, log: Path, path: str
 def test_a_truncated_nifti_is_reported_not_read_as_zeros(tmp_path, name, keep):
     """ITK itself reads a truncated NIfTI without complaint, the missing voxels as zeros."""
     path = tmp_path / name
-    io.write_image(sitk.GetImageFromArray(np.arange(4000, dtype=np.float32).reshape(10, 20, 20)), path,
-                   compress=name.endswith(".gz"))
+    io.write_image(
+        sitk.GetImageFromArray(np.arange(4000, dtype=np.float32).reshape(10, 20, 20)),
+        path,
+        compress=name.endswith(".gz"),
+    )
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep) if keep > 0 else keep])
     with pytest.raises(io.CorruptFileError, match=f"{re.escape(str(path))}: cannot be read.*truncated.*--forcerun"):
@@ -577,7 +659,11 @@ def test_changing_one_subjects_input_reruns_only_that_subject_and_its_dependents
     for rule in ("synthesize_subject", "cohort_table", "classify_folds", "register_baseline"):
         assert rule not in counts, f"{rule} rescheduled: {counts}"  # a training subject: no baseline pairs
     assert counts.get("train") == 1
-    holding = [c for c in (0, 1) if subject in set(pd.read_csv(
-        workdir / chunk_outputs("unregistered", "inhale_exhale", c)[1], sep="\t")["fixed_subject"])]
+    holding = [
+        c
+        for c in (0, 1)
+        if subject
+        in set(pd.read_csv(workdir / chunk_outputs("unregistered", "inhale_exhale", c)[1], sep="\t")["fixed_subject"])
+    ]
     unregistered = [(w["protocol"], int(w["chunk"])) for rule, w in jobs if rule == "register_unregistered"]
     assert unregistered == [("inhale_exhale", c) for c in holding]

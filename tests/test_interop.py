@@ -61,9 +61,11 @@ def ants_array(image) -> np.ndarray:
 
 
 def describe(name: str, difference: np.ndarray, inside: np.ndarray) -> str:
-    return (f"{name}: interior max {difference[inside].max():.3g}, all voxels mean {difference.mean():.3g}, "
-            f"border max {difference[~inside].max() if (~inside).any() else 0:.3g} "
-            f"({inside.mean():.1%} interior)")
+    return (
+        f"{name}: interior max {difference[inside].max():.3g}, all voxels mean {difference.mean():.3g}, "
+        f"border max {difference[~inside].max() if (~inside).any() else 0:.3g} "
+        f"({inside.mean():.1%} interior)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +76,17 @@ def pair(tiny_study) -> dict[str, Path]:
     folder = folders[0]
     (moving_subject, moving_phase), (fixed_subject, fixed_phase) = (p.rsplit("_", 1) for p in folder.name.split("__"))
     pre = tiny_study / "results/preprocessed"
-    return {"folder": folder, "field": folder / "displacement.nii.gz", "warped": folder / "warped.nii.gz",
-            "warped_mask": folder / "warped_mask.nii.gz", "affine": folder / "affine.tfm",
-            "fixed": pre / fixed_subject / f"{fixed_phase}_image.nii.gz",
-            "moving": pre / moving_subject / f"{moving_phase}_image.nii.gz",
-            "moving_mask": pre / moving_subject / f"{moving_phase}_mask.nii.gz",
-            "model": tiny_study / "results/model/proposed/model.pt"}
+    return {
+        "folder": folder,
+        "field": folder / "displacement.nii.gz",
+        "warped": folder / "warped.nii.gz",
+        "warped_mask": folder / "warped_mask.nii.gz",
+        "affine": folder / "affine.tfm",
+        "fixed": pre / fixed_subject / f"{fixed_phase}_image.nii.gz",
+        "moving": pre / moving_subject / f"{moving_phase}_image.nii.gz",
+        "moving_mask": pre / moving_subject / f"{moving_phase}_mask.nii.gz",
+        "model": tiny_study / "results/model/proposed/model.pt",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +137,21 @@ def test_antspy_applies_the_field_as_the_network_did(pair, interior):
     assert difference.mean() < OVERALL_MEAN
     # and ANTs agrees with SimpleITK everywhere (both are ITK underneath: same border handling)
     transform = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(pair["field"])), sitk.sitkVectorFloat64))
-    itk = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(pair["moving"])), sitk.ReadImage(str(pair["fixed"])),
-                                               transform, sitk.sitkLinear, 0.0))
+    itk = sitk.GetArrayFromImage(
+        sitk.Resample(
+            sitk.ReadImage(str(pair["moving"])), sitk.ReadImage(str(pair["fixed"])), transform, sitk.sitkLinear, 0.0
+        )
+    )
     assert np.abs(resampled - itk).max() < 1e-6
 
 
 def test_antspy_carries_the_mask_like_warped_mask(pair):
-    mask = ants.apply_transforms(fixed=ants.image_read(str(pair["fixed"])), moving=ants.image_read(str(pair["moving_mask"])),
-                                 transformlist=[str(pair["field"])], interpolator="linear")
+    mask = ants.apply_transforms(
+        fixed=ants.image_read(str(pair["fixed"])),
+        moving=ants.image_read(str(pair["moving_mask"])),
+        transformlist=[str(pair["field"])],
+        interpolator="linear",
+    )
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(pair["warped_mask"]))) > 0
     assert np.array_equal(ants_array(mask) > 0.5, written)
 
@@ -161,16 +175,26 @@ def test_both_tools_read_the_field_in_lps_on_an_oblique_grid(tmp_path):
     for name, written in (("fixed", image), ("moving", moving), ("field", field)):
         sitk.WriteImage(written, str(paths[name]))
     expected = (points + u) @ slope + offset
-    inside = np.all((continuous_index(image, points + u) >= 0)
-                    & (continuous_index(image, points + u) <= np.asarray(image.GetSize()) - 1), axis=-1)
+    inside = np.all(
+        (continuous_index(image, points + u) >= 0)
+        & (continuous_index(image, points + u) <= np.asarray(image.GetSize()) - 1),
+        axis=-1,
+    )
     assert inside.mean() > 0.5
 
     transform = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(paths["field"])), sitk.sitkVectorFloat64))
-    by_sitk = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(paths["moving"])), sitk.ReadImage(str(paths["fixed"])),
-                                                   transform, sitk.sitkLinear, 0.0))
-    by_ants = ants_array(ants.apply_transforms(fixed=ants.image_read(str(paths["fixed"])),
-                                               moving=ants.image_read(str(paths["moving"])),
-                                               transformlist=[str(paths["field"])]))
+    by_sitk = sitk.GetArrayFromImage(
+        sitk.Resample(
+            sitk.ReadImage(str(paths["moving"])), sitk.ReadImage(str(paths["fixed"])), transform, sitk.sitkLinear, 0.0
+        )
+    )
+    by_ants = ants_array(
+        ants.apply_transforms(
+            fixed=ants.image_read(str(paths["fixed"])),
+            moving=ants.image_read(str(paths["moving"])),
+            transformlist=[str(paths["field"])],
+        )
+    )
     np.testing.assert_allclose(by_sitk[inside], expected[inside], atol=1e-5)
     np.testing.assert_allclose(by_ants[inside], expected[inside], atol=1e-5)
 
@@ -186,14 +210,20 @@ def test_affine_tfm_reads_the_same_in_simpleitk_and_antspy(pair):
     points = voxel_centres(fixed).reshape(-1, 3)[::37]
     mapped_sitk = np.array([by_sitk.TransformPoint(p.tolist()) for p in points])
     mapped_ants = np.array([ants.apply_ants_transform_to_point(by_ants, p.tolist()) for p in points])
-    print(f"\naffine.tfm, SimpleITK vs ANTsPy on {len(points)} points: max {np.abs(mapped_sitk - mapped_ants).max():.3g} mm")
+    difference = np.abs(mapped_sitk - mapped_ants).max()
+    print(f"\naffine.tfm, SimpleITK vs ANTsPy on {len(points)} points: max {difference:.3g} mm")
     assert np.abs(mapped_sitk - mapped_ants).max() < ANTS_FLOAT_MM
     # the same resampled image from either tool
-    resampled_sitk = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(pair["moving"])), fixed, by_sitk,
-                                                          sitk.sitkLinear, 0.0))
-    resampled_ants = ants_array(ants.apply_transforms(fixed=ants.image_read(str(pair["fixed"])),
-                                                      moving=ants.image_read(str(pair["moving"])),
-                                                      transformlist=[str(pair["affine"])]))
+    resampled_sitk = sitk.GetArrayFromImage(
+        sitk.Resample(sitk.ReadImage(str(pair["moving"])), fixed, by_sitk, sitk.sitkLinear, 0.0)
+    )
+    resampled_ants = ants_array(
+        ants.apply_transforms(
+            fixed=ants.image_read(str(pair["fixed"])),
+            moving=ants.image_read(str(pair["moving"])),
+            transformlist=[str(pair["affine"])],
+        )
+    )
     assert np.abs(resampled_sitk - resampled_ants).max() < 1e-4
 
 
@@ -229,8 +259,10 @@ def test_readme_lines_apply_the_field(pair, interior, monkeypatch):
     assert all(len(found) == 1 for found in lines.values()), lines
     network = sitk.GetArrayFromImage(sitk.ReadImage(str(pair["warped"])))
     monkeypatch.chdir(pair["folder"])  # the lines name displacement.nii.gz relative to the pair folder
-    images = {"sitk": (sitk.ReadImage(str(pair["fixed"])), sitk.ReadImage(str(pair["moving"]))),
-              "ants": (ants.image_read(str(pair["fixed"])), ants.image_read(str(pair["moving"])))}
+    images = {
+        "sitk": (sitk.ReadImage(str(pair["fixed"])), sitk.ReadImage(str(pair["moving"]))),
+        "ants": (ants.image_read(str(pair["fixed"])), ants.image_read(str(pair["moving"]))),
+    }
     for tool, (fixed, moving) in images.items():
         namespace = {"sitk": sitk, "ants": ants, "fixed": fixed, "moving": moving}
         exec(lines[tool][0], namespace)

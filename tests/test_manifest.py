@@ -20,8 +20,7 @@ from lungreg.preprocess import PreprocessSettings, preprocess_subject
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "config" / "schemas" / "subjects.schema.yaml"
-COLUMNS = ["subject", "label", "inhale", "exhale", "inhale_mask", "exhale_mask",
-           "inhale_landmarks", "exhale_landmarks"]
+COLUMNS = ["subject", "label", "inhale", "exhale", "inhale_mask", "exhale_mask", "inhale_landmarks", "exhale_landmarks"]
 
 # Two phases on different grids; 4 landmark pairs, the last one outside the inhale field of view.
 GRIDS = {
@@ -82,8 +81,10 @@ def row_of(subject: str, files: dict[str, Path], label: str = "", relative_to: P
 
 def test_read_manifest_resolves_relative_paths_and_keeps_empty_cells(tmp_path):
     files = make_subject(tmp_path / "data")
-    rows = [row_of("s01", files, "ILD", relative_to=tmp_path / "meta"),
-            {**row_of("s02", files, ""), "inhale_landmarks": "", "exhale_landmarks": ""}]
+    rows = [
+        row_of("s01", files, "ILD", relative_to=tmp_path / "meta"),
+        {**row_of("s02", files, ""), "inhale_landmarks": "", "exhale_landmarks": ""},
+    ]
     (tmp_path / "meta").mkdir()
     frame = read_manifest(write_manifest(tmp_path / "meta" / "subjects.tsv", rows))
     assert list(frame["subject"]) == ["s01", "s02"]
@@ -106,7 +107,9 @@ def test_schema_accepts_read_manifest_rows_and_rejects_bad_ones(tmp_path):
     from snakemake.utils import validate
 
     files = make_subject(tmp_path)
-    frame = read_manifest(write_manifest(tmp_path / "subjects.tsv", [row_of("s01", files), row_of("s-2.b", files, "healthy")]))
+    frame = read_manifest(
+        write_manifest(tmp_path / "subjects.tsv", [row_of("s01", files), row_of("s-2.b", files, "healthy")])
+    )
     validate(frame, str(SCHEMA))
     for column, value in [("label", "copd"), ("subject", "bad/id"), ("subject", "_x"), ("inhale", "")]:
         bad = frame.copy()
@@ -130,8 +133,7 @@ def test_duplicate_subject_ids(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     files = make_subject(tmp_path)
-    path = write_manifest(tmp_path / "subjects.tsv",
-                          [row_of("s01", files), row_of("p7", files), row_of("p7", files)])
+    path = write_manifest(tmp_path / "subjects.tsv", [row_of("s01", files), row_of("p7", files), row_of("p7", files)])
     with pytest.raises(InputError) as error:
         read_manifest(path)
     message = str(error.value)
@@ -166,7 +168,8 @@ def test_check_subjects_counts_landmarks_in_view(tmp_path):
     report = check_subjects(frame)
     assert report["s01"] == manifest.SubjectCheck("s01", "healthy", 4, 3, 1)
     assert report.to_frame().to_dict("records") == [
-        {"subject": "s01", "label": "healthy", "landmarks": 4, "in_view": 3, "excluded": 1}]
+        {"subject": "s01", "label": "healthy", "landmarks": 4, "in_view": 3, "excluded": 1}
+    ]
     assert "3 of 4 landmark pairs in view" in report.lines()[0]
 
 
@@ -177,6 +180,7 @@ def _replace_image(array_fn):
         new = sitk.GetImageFromArray(array)
         new.CopyInformation(image)
         sitk.WriteImage(new, str(files["target"]))
+
     return change
 
 
@@ -185,6 +189,7 @@ def _set(index, value, dtype=None):
         array = array.astype(dtype) if dtype else array
         array[index] = value
         return array
+
     return fn
 
 
@@ -201,19 +206,27 @@ def _other_grid(files):
 BAD_INPUTS = {
     # name: (file key, how to spoil it, expected problem text)
     "missing_file": ("exhale_mask", lambda f: f["target"].unlink(), "file not found"),
-    "unreadable_image": ("inhale", lambda f: f["target"].write_bytes(b"\x1f\x8b garbage, not an image" * 20),
-                         "unreadable image"),
+    "unreadable_image": (
+        "inhale",
+        lambda f: f["target"].write_bytes(b"\x1f\x8b garbage, not an image" * 20),
+        "unreadable image",
+    ),
     "not_3d": ("exhale", _write_2d, "not a 3D image (2D"),
     "mask_not_binary": ("inhale_mask", _replace_image(_set((4, 5, 6), 2)), "mask not binary"),
     "mask_empty": ("exhale_mask", _replace_image(lambda a: np.zeros_like(a)), "mask is empty"),
     "mask_other_grid": ("inhale_mask", _other_grid, "mask grid differs from its image"),
     "nan_voxels": ("exhale", _replace_image(_set((1, 2, 3), np.nan)), "1 NaN voxel"),
     "infinite_voxels": ("inhale", _replace_image(_set((1, slice(2, 4), 3), -np.inf)), "2 infinite voxel"),
-    "landmark_counts_differ": ("exhale_landmarks", lambda f: write_points(POINTS["exhale"][:3], f["target"]),
-                               "3 landmarks, but"),
-    "landmark_unparsable_row": ("inhale_landmarks",
-                                lambda f: f["target"].write_text("x,y,z\n1,2,3\n4,five,6\n7,8,9\n10,11,12\n"),
-                                "line 3: not numeric"),
+    "landmark_counts_differ": (
+        "exhale_landmarks",
+        lambda f: write_points(POINTS["exhale"][:3], f["target"]),
+        "3 landmarks, but",
+    ),
+    "landmark_unparsable_row": (
+        "inhale_landmarks",
+        lambda f: f["target"].write_text("x,y,z\n1,2,3\n4,five,6\n7,8,9\n10,11,12\n"),
+        "line 3: not numeric",
+    ),
 }
 
 
@@ -261,6 +274,7 @@ def test_cache_skips_unchanged_files_and_notices_changed_ones(tmp_path, monkeypa
         def wrapper(path, subject=None):
             reads.append(Path(path).name)
             return function(path, subject)
+
         return wrapper
 
     monkeypatch.setattr(manifest, "read_image", counting(manifest.read_image))

@@ -50,7 +50,9 @@ def one_thread():
 
 def ellipsoid(centre, radii) -> np.ndarray:
     z, y, x = np.meshgrid(*(np.arange(n, dtype=float) for n in SHAPE), indexing="ij")
-    inside = ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2 < 1
+    inside = ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + (
+        (x - centre[2]) / radii[2]
+    ) ** 2 < 1
     return inside.astype(np.float32)
 
 
@@ -68,7 +70,9 @@ def volumes(batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return moving, fixed, torch.from_numpy(MOVING_MASK)[None, None].expand(batch, -1, -1, -1, -1)
 
 
-def perturbed_network(seed: int, settings: ModelSettings = ModelSettings(width=0.125), std: float = 0.02) -> RegistrationNet:
+def perturbed_network(
+    seed: int, settings: ModelSettings = ModelSettings(width=0.125), std: float = 0.02
+) -> RegistrationNet:
     """A network whose zero-initialised last layers are perturbed: a few voxels of deformation
     and a small affine, like a trained network's (the untrained one is the identity)."""
     torch.manual_seed(seed)
@@ -101,7 +105,9 @@ def test_bf16_autocast_on_cpu_keeps_the_warped_mask_dice_within_one_point(seed):
         with Acceleration(bf16=True).autocast(CPU):
             low = net(moving, fixed)
     assert warped_mask_dice(net, moving_mask, reference.grid) < 0.99  # the network does deform
-    difference = 100 * abs(warped_mask_dice(net, moving_mask, low.grid) - warped_mask_dice(net, moving_mask, reference.grid))
+    difference = 100 * abs(
+        warped_mask_dice(net, moving_mask, low.grid) - warped_mask_dice(net, moving_mask, reference.grid)
+    )
     assert difference <= BF16_DICE_POINTS, f"Dice moved by {difference:.2f} points under bf16"
     assert grid_voxels(low.grid - reference.grid) <= BF16_GRID_VOXELS
 
@@ -156,9 +162,11 @@ def test_compiled_network_matches_eager(monkeypatch):
     assert counter.frame_count == 1  # one graph: no graph break
 
 
-@pytest.mark.skipif(not os.environ.get("LUNGREG_SLOW_TESTS"),
-                    reason="torch.compile's inductor backend takes 25 to 100 s to compile this tiny network on 2 "
-                           "CPU cores; set LUNGREG_SLOW_TESTS=1 to run it (it passed in 25 s)")
+@pytest.mark.skipif(
+    not os.environ.get("LUNGREG_SLOW_TESTS"),
+    reason="torch.compile's inductor backend takes 25 to 100 s to compile this tiny network on 2 "
+    "CPU cores; set LUNGREG_SLOW_TESTS=1 to run it (it passed in 25 s)",
+)
 def test_inductor_compiled_network_matches_eager():
     torch._dynamo.reset()
     net = perturbed_network(2)
@@ -219,9 +227,14 @@ def test_the_coarse_deformable_branch_with_random_weights_never_folds(settings, 
             out = net.to(dtype)(moving, fixed)
         assert out.gradients.shape[2:] == shape
         assert (out.gradients > 0).all() and (out.gradients <= settings.maxgrad).all()
-        axial = transform.identity_grid(shape, dtype=dtype) + transform.axial_displacements(out.gradients).permute(0, 2, 3, 4, 1)
-        assert (axial[..., 0].diff(dim=3) > 0).all() and (axial[..., 1].diff(dim=2) > 0).all() \
-            and (axial[..., 2].diff(dim=1) > 0).all(), f"seed {seed}: a grid line folds"
+        axial = transform.identity_grid(shape, dtype=dtype) + transform.axial_displacements(out.gradients).permute(
+            0, 2, 3, 4, 1
+        )
+        assert (
+            (axial[..., 0].diff(dim=3) > 0).all()
+            and (axial[..., 1].diff(dim=2) > 0).all()
+            and (axial[..., 2].diff(dim=1) > 0).all()
+        ), f"seed {seed}: a grid line folds"
         determinants = jacobian_determinants(out.gradients, out.theta, seed)
         assert (determinants > 0).all(), f"seed {seed}: min det {determinants.min()}"
 
@@ -241,8 +254,17 @@ def pair_files(tmp_path) -> PairFiles:
 
 
 def test_training_with_bf16_and_channels_last_on_cpu_and_resuming_across_memory_formats(pair_files, tmp_path):
-    settings = TrainSettings.from_config({"epochs": 1, "batch_size": 2, "seed": 3, "bf16": True, "channels_last": True,
-                                          "cudnn_benchmark": True, "compile": False})
+    settings = TrainSettings.from_config(
+        {
+            "epochs": 1,
+            "batch_size": 2,
+            "seed": 3,
+            "bf16": True,
+            "channels_last": True,
+            "cudnn_benchmark": True,
+            "compile": False,
+        }
+    )
     model = ModelSettings(width=0.125)
     checkpoint, history = train([pair_files] * 2, [pair_files], model, PAPER_LOSS, settings, tmp_path / "ck.pt")
     assert np.isfinite(history["train_loss"]).all()
@@ -268,8 +290,9 @@ def preprocessed(tmp_path) -> PreprocessedLayout:
             io.write_image(image_from_array(image(mask, 10 * k + len(phase)), grid), layout.image(subject, phase))
             io.write_image(image_from_array(mask.astype(np.uint8), grid), layout.mask(subject, phase))
             points = grid.index_to_world(np.array([[12.0, 12.0, 6.0], [9.0, 14.0, 5.0]]))
-            pd.DataFrame({"landmark": ["p1", "p2"], "x": points[:, 0], "y": points[:, 1], "z": points[:, 2],
-                          "in_view": True}).to_csv(layout.landmarks(subject, phase), index=False)
+            pd.DataFrame(
+                {"landmark": ["p1", "p2"], "x": points[:, 0], "y": points[:, 1], "z": points[:, 2], "in_view": True}
+            ).to_csv(layout.landmarks(subject, phase), index=False)
     return layout
 
 
@@ -277,7 +300,9 @@ def preprocessed(tmp_path) -> PreprocessedLayout:
 def model_path(tmp_path) -> str:
     settings = ModelSettings(width=0.125)
     path = tmp_path / "model.pt"
-    torch_io.save_torch({"state_dict": perturbed_network(0, settings).state_dict(), "model_settings": settings.as_dict()}, path)
+    torch_io.save_torch(
+        {"state_dict": perturbed_network(0, settings).state_dict(), "model_settings": settings.as_dict()}, path
+    )
     return str(path)
 
 
@@ -286,8 +311,14 @@ ALL_PAIRS = [Pair(m, "inhale", f, "exhale") for m in ("a", "b") for f in ("a", "
 
 def test_cohort_chunk_with_save_fields_none_and_every_option_writes_rows_only(preprocessed, model_path, tmp_path):
     plain = NetworkRegistrar("proposed", model_path, "cpu", batch_size=3, prefetch=False)
-    fast = NetworkRegistrar("proposed", model_path, "cpu", batch_size=3, prefetch=True,
-                            acceleration=Acceleration(channels_last=True, cudnn_benchmark=True))
+    fast = NetworkRegistrar(
+        "proposed",
+        model_path,
+        "cpu",
+        batch_size=3,
+        prefetch=True,
+        acceleration=Acceleration(channels_last=True, cudnn_benchmark=True),
+    )
     rows = {}
     for name, registrar, save in (("plain", plain, "all"), ("fast", fast, "none")):
         outputs = ChunkOutputs(tmp_path / name, tmp_path / f"{name}_metrics.tsv", tmp_path / f"{name}_landmarks.tsv")
@@ -309,5 +340,13 @@ def test_prefetching_queues_batch_k_plus_1_before_finishing_batch_k(monkeypatch,
     monkeypatch.setattr(registrar, "_finish", lambda batch: events.append(("finish", batch[0])) or [batch[0]])
     out = list(registrar.register_stream([[k] for k in range(4)]))
     assert out == [([k], [k]) for k in range(4)]
-    assert events == [("launch", 0), ("launch", 1), ("finish", 0), ("launch", 2), ("finish", 1),
-                      ("launch", 3), ("finish", 2), ("finish", 3)]
+    assert events == [
+        ("launch", 0),
+        ("launch", 1),
+        ("finish", 0),
+        ("launch", 2),
+        ("finish", 1),
+        ("launch", 3),
+        ("finish", 2),
+        ("finish", 3),
+    ]

@@ -76,15 +76,25 @@ def read_outputs(out: Path) -> dict:
 
 
 def test_settings_from_config_and_their_checks():
-    section = {"intensity_range": [0, 1300], "factor": 0.6666667, "grid_shape": [24, 48, 48],
-               "mask_interpolation": "nearest"}
+    section = {
+        "intensity_range": [0, 1300],
+        "factor": 0.6666667,
+        "grid_shape": [24, 48, 48],
+        "mask_interpolation": "nearest",
+    }
     s = PreprocessSettings.from_config(section, "exhale")
     assert s == PreprocessSettings((0.0, 1300.0), 0.6666667, (24, 48, 48), "nearest", "exhale")
     assert isinstance(s.grid_shape[0], int) and isinstance(s.intensity_range[0], float)
     with pytest.raises(Exception):
         s.factor = 1.0  # frozen
-    for bad in ({"intensity_range": [300, -1000]}, {"factor": 0}, {"grid_shape": [24, 48]},
-                {"grid_shape": [24, 48.5, 48]}, {"mask_interpolation": "cubic"}, {"grid_shap": [1, 2, 3]}):
+    for bad in (
+        {"intensity_range": [300, -1000]},
+        {"factor": 0},
+        {"grid_shape": [24, 48]},
+        {"grid_shape": [24, 48.5, 48]},
+        {"mask_interpolation": "cubic"},
+        {"grid_shap": [1, 2, 3]},
+    ):
         with pytest.raises(ValueError):
             PreprocessSettings.from_config({**section, **bad}, "exhale")
     with pytest.raises(ValueError, match="reference phase"):
@@ -107,8 +117,9 @@ def test_clip_and_scale_is_exact_below_inside_and_above_the_range():
     np.testing.assert_array_equal(sitk.GetArrayFromImage(scaled), expected)
     assert Grid.of(scaled) == Grid.of(image)
     floats = sitk.GetImageFromArray(np.array([[[-0.5, 0.0, 0.1, 0.75, 2.0, 1e30]]]))
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(clip_and_scale(floats, 0.0, 2.0)),
-                                  np.array([[[0, 0, 0.05, 0.375, 1, 1]]], np.float32))
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(clip_and_scale(floats, 0.0, 2.0)), np.array([[[0, 0, 0.05, 0.375, 1, 1]]], np.float32)
+    )
     with pytest.raises(ValueError):
         clip_and_scale(image, 300, -1000)
 
@@ -134,8 +145,14 @@ def test_resampling_matches_simpleitk_and_the_analytic_function(tmp_path):
     np.testing.assert_allclose(new.direction, grid.direction, atol=1e-6)
 
     # 1. the same as SimpleITK's own cubic B-spline resampling onto that grid
-    reference = sitk.Resample(sitk.ReadImage(str(inputs["inhale"])), new.reference_image(), sitk.Transform(),
-                              sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
+    reference = sitk.Resample(
+        sitk.ReadImage(str(inputs["inhale"])),
+        new.reference_image(),
+        sitk.Transform(),
+        sitk.sitkBSpline,
+        0.0,
+        sitk.sitkFloat32,
+    )
     ours = sitk.GetArrayFromImage(out["inhale"])
     np.testing.assert_allclose(ours, sitk.GetArrayFromImage(reference), atol=1e-6, rtol=0)
     in_memory = resample_image(clip_and_scale(image, 0.0, 1.0), new)
@@ -156,8 +173,11 @@ def test_bspline_overshoot_is_clamped_to_unit_range():
     step = np.zeros(grid.shape, np.float32)
     step[:, :, 6:] = 1.0  # a sharp edge makes cubic B-spline ring
     shifted = Grid((20, 10, 10), (0.37, 1.0, 1.0), (0.1, 1.0, 1.0), grid.direction)
-    raw = sitk.GetArrayFromImage(sitk.Resample(image_on(grid, step), shifted.reference_image(), sitk.Transform(),
-                                               sitk.sitkBSpline, 0.0, sitk.sitkFloat32))
+    raw = sitk.GetArrayFromImage(
+        sitk.Resample(
+            image_on(grid, step), shifted.reference_image(), sitk.Transform(), sitk.sitkBSpline, 0.0, sitk.sitkFloat32
+        )
+    )
     assert raw.min() < -1e-3 and raw.max() > 1 + 1e-3
     clamped = sitk.GetArrayFromImage(resample_image(image_on(grid, step), shifted))
     assert clamped.min() == 0.0 and clamped.max() == 1.0
@@ -170,7 +190,7 @@ def test_mask_resampling_nearest_and_linear():
     ball = (np.linalg.norm(centres - grid.index_to_world(np.array([19.5, 19.5, 9.5])), axis=-1) < 14).astype(np.uint8)
     mask = image_on(grid, ball, np.uint8)
     target = Grid((28, 28, 14), (1.5, 1.5, 3.0), grid.origin, grid.direction)
-    inside = (np.linalg.norm(target.voxel_centres() - grid.index_to_world(np.array([19.5, 19.5, 9.5])), axis=-1) < 14)
+    inside = np.linalg.norm(target.voxel_centres() - grid.index_to_world(np.array([19.5, 19.5, 9.5])), axis=-1) < 14
     for how in ("nearest", "linear"):
         out = resample_mask(mask, target, how)
         array = sitk.GetArrayFromImage(out)
@@ -200,8 +220,9 @@ def test_common_grid_has_the_configured_shape_centred_on_the_union(tmp_path, deg
     union = np.concatenate([inhale.corners(), exhale.corners()]) @ d
     np.testing.assert_allclose(grid.corners().mean(axis=0) @ d, (union.min(0) + union.max(0)) / 2, atol=1e-9)
     if degrees == 0:
-        np.testing.assert_allclose(grid.corners().mean(axis=0),
-                                   [(-18.6 + 25.4) / 2, (-5.6 + 27.8) / 2, (-10.25 + 28.75) / 2], atol=1e-9)
+        np.testing.assert_allclose(
+            grid.corners().mean(axis=0), [(-18.6 + 25.4) / 2, (-5.6 + 27.8) / 2, (-10.25 + 28.75) / 2], atol=1e-9
+        )
 
     # through preprocess_subject: both phases written on that one grid
     rng = np.random.default_rng(0)
@@ -246,12 +267,15 @@ def test_preprocessing_moves_no_landmark_by_more_than_half_a_voxel(tmp_path):
         values = sum(np.exp(-np.sum((centres - b) ** 2, axis=-1) / (2 * sigma**2)) for b in blobs)
         return image_on(grid, values)
 
-    inputs = {**write_phase(tmp_path / "in", "inhale", blob_image(inhale)),
-              **write_phase(tmp_path / "in", "exhale", blob_image(exhale)),
-              "inhale_landmarks": write_csv(blobs, tmp_path / "in" / "inhale.csv", ["a", "b", "c", "d"]),
-              "exhale_landmarks": write_csv(blobs, tmp_path / "in" / "exhale.csv", ["a", "b", "c", "d"])}
-    summary = preprocess_subject("b1", inputs, settings(covering_shape([inhale, exhale], exhale, 2 / 3)),
-                                 tmp_path / "out")
+    inputs = {
+        **write_phase(tmp_path / "in", "inhale", blob_image(inhale)),
+        **write_phase(tmp_path / "in", "exhale", blob_image(exhale)),
+        "inhale_landmarks": write_csv(blobs, tmp_path / "in" / "inhale.csv", ["a", "b", "c", "d"]),
+        "exhale_landmarks": write_csv(blobs, tmp_path / "in" / "exhale.csv", ["a", "b", "c", "d"]),
+    }
+    summary = preprocess_subject(
+        "b1", inputs, settings(covering_shape([inhale, exhale], exhale, 2 / 3)), tmp_path / "out"
+    )
     assert (summary.landmarks, summary.in_view, summary.excluded) == (4, 4, 0)
     out = read_outputs(tmp_path / "out")
     for phase in PHASES:
@@ -277,9 +301,12 @@ def test_landmarks_outside_a_field_of_view_are_flagged_not_in_view(tmp_path):
     # 3: inside both images but outside the (smaller, centred) common grid x, y in [6.5, 12.5]
     inhale_points = [[10, 10, 9], [25, 10, 9], [10, 10, 9], [5, 5, 5]]
     exhale_points = [[10, 11, 8], [10, 10, 9], [10, -3, 9], [5, 5, 5]]
-    inputs = {**write_phase(tmp_path / "in", "inhale", image), **write_phase(tmp_path / "in", "exhale", image),
-              "inhale_landmarks": write_csv(inhale_points, tmp_path / "in" / "i.csv"),
-              "exhale_landmarks": write_csv(exhale_points, tmp_path / "in" / "e.csv")}
+    inputs = {
+        **write_phase(tmp_path / "in", "inhale", image),
+        **write_phase(tmp_path / "in", "exhale", image),
+        "inhale_landmarks": write_csv(inhale_points, tmp_path / "in" / "i.csv"),
+        "exhale_landmarks": write_csv(exhale_points, tmp_path / "in" / "e.csv"),
+    }
     summary = preprocess_subject("f1", inputs, settings((3, 6, 6), factor=1.0), tmp_path / "out")
     assert (summary.in_view, summary.excluded) == (1, 3)
     out = read_outputs(tmp_path / "out")
@@ -291,8 +318,12 @@ def test_landmarks_outside_a_field_of_view_are_flagged_not_in_view(tmp_path):
 def test_without_landmarks_the_tables_have_a_header_only(tmp_path):
     g = Grid((8, 8, 8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), rotation(0))
     image = image_on(g, np.full(g.shape, 0.5))
-    inputs = {**write_phase(tmp_path / "in", "inhale", image), **write_phase(tmp_path / "in", "exhale", image),
-              "inhale_landmarks": "", "exhale_landmarks": None}
+    inputs = {
+        **write_phase(tmp_path / "in", "inhale", image),
+        **write_phase(tmp_path / "in", "exhale", image),
+        "inhale_landmarks": "",
+        "exhale_landmarks": None,
+    }
     summary = preprocess_subject("n1", inputs, settings((4, 4, 4)), tmp_path / "out")
     assert (summary.landmarks, summary.in_view, summary.excluded) == (0, 0, 0)
     for phase in PHASES:
@@ -303,8 +334,10 @@ def test_cropped_lung_mask_is_warned_with_the_fraction_lost(tmp_path, caplog):
     g = Grid((20, 20, 10), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), rotation(0))
     mask = np.zeros(g.shape, np.uint8)
     mask[:, :, :10] = 1  # left half; a centred grid 10 voxels wide keeps x in [5, 15) only
-    inputs = {**write_phase(tmp_path / "in", "inhale", image_on(g, np.full(g.shape, 0.5)), image_on(g, mask, np.uint8)),
-              **write_phase(tmp_path / "in", "exhale", image_on(g, np.full(g.shape, 0.5)))}
+    inputs = {
+        **write_phase(tmp_path / "in", "inhale", image_on(g, np.full(g.shape, 0.5)), image_on(g, mask, np.uint8)),
+        **write_phase(tmp_path / "in", "exhale", image_on(g, np.full(g.shape, 0.5))),
+    }
     with caplog.at_level(logging.WARNING, logger="lungreg.preprocess"):
         summary = preprocess_subject("w1", inputs, settings((10, 20, 10), factor=1.0), tmp_path / "out")
     assert summary.mask_fraction_lost == {"inhale": pytest.approx(0.5), "exhale": pytest.approx(0.5)}
@@ -350,7 +383,8 @@ def test_real_ct_pair_through_manifest_checks_and_preprocessing(tmp_path, elasti
     manifest_path.write_text(
         "subject\tlabel\tinhale\texhale\tinhale_mask\texhale_mask\tinhale_landmarks\texhale_landmarks\n"
         f"elastix01\t\t{rel('baseline.mha')}\t{rel('followup.mha')}\t{rel('baseline_mask.mha')}\t"
-        f"{rel('followup_mask.mha')}\t{rel('baseline_landmarks.txt')}\t{rel('followup_landmarks.txt')}\n")
+        f"{rel('followup_mask.mha')}\t{rel('baseline_landmarks.txt')}\t{rel('followup_landmarks.txt')}\n"
+    )
     frame = read_manifest(manifest_path)
     assert frame.loc[0, "label"] == "" and frame.loc[0, "inhale"] == str(data / "baseline.mha")
 
@@ -361,8 +395,10 @@ def test_real_ct_pair_through_manifest_checks_and_preprocessing(tmp_path, elasti
     assert grids["inhale"] != grids["exhale"]  # different sizes and origins
     shape = covering_shape(list(grids.values()), grids["exhale"], 2 / 3)
     assert shape == (97, 111, 81)
-    s = PreprocessSettings.from_config({"intensity_range": [-1000, 300], "factor": 2 / 3, "grid_shape": list(shape),
-                                        "mask_interpolation": "nearest"}, "exhale")
+    s = PreprocessSettings.from_config(
+        {"intensity_range": [-1000, 300], "factor": 2 / 3, "grid_shape": list(shape), "mask_interpolation": "nearest"},
+        "exhale",
+    )
     out = tmp_path / "out"
     summary = preprocess_subject("elastix01", frame.loc[0].to_dict(), s, out)
     assert (summary.landmarks, summary.in_view, summary.excluded) == (100, 51, 49)

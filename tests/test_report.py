@@ -24,16 +24,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from workflow_runner import snakemake
 
 pytestmark = [pytest.mark.workflow, pytest.mark.browser]
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-CATEGORIES = ("Tables", "Registration overlays", "Jacobian determinant", "Dice", "Landmark errors",
-              "Training", "Classification")
-TABLE_FILES = ("table1_dice.tsv", "table2_landmarks.tsv", "pairs.tsv", "landmarks.tsv", "jacobian.tsv",
-               "endpoint_error.tsv", "classification.tsv", "tables.html")
+CATEGORIES = (
+    "Tables",
+    "Registration overlays",
+    "Jacobian determinant",
+    "Dice",
+    "Landmark errors",
+    "Training",
+    "Classification",
+)
+TABLE_FILES = (
+    "table1_dice.tsv",
+    "table2_landmarks.tsv",
+    "pairs.tsv",
+    "landmarks.tsv",
+    "jacobian.tsv",
+    "endpoint_error.tsv",
+    "classification.tsv",
+    "tables.html",
+)
 MAX_REPORT_BYTES = 30 * 2**20  # the tiny study's report is ~4 MB (vega, react and the figures inline)
 
 
@@ -74,8 +88,10 @@ def chromium() -> str:
         reason = _install_chromium()
         path = _find_chromium()
         if path is None:
-            pytest.skip(f"headless Chromium is absent and could not be installed ({reason}); "
-                        f"install the Debian package 'chromium' to run the report rendering tests")
+            pytest.skip(
+                f"headless Chromium is absent and could not be installed ({reason}); "
+                f"install the Debian package 'chromium' to run the report rendering tests"
+            )
     return path
 
 
@@ -94,8 +110,17 @@ def report(tiny_study) -> Path:
 class _Resources(HTMLParser):
     """Every URL the page would fetch to render: script/img/iframe/... src, stylesheet hrefs."""
 
-    FETCHING = {"script": "src", "img": "src", "iframe": "src", "embed": "src", "source": "src",
-                "audio": "src", "video": "src", "object": "data", "link": "href"}
+    FETCHING = {
+        "script": "src",
+        "img": "src",
+        "iframe": "src",
+        "embed": "src",
+        "source": "src",
+        "audio": "src",
+        "video": "src",
+        "object": "data",
+        "link": "href",
+    }
 
     def __init__(self):
         super().__init__()
@@ -166,10 +191,22 @@ def _with_clicks(report: Path, steps: list[tuple[str, str]], destination: Path) 
 
 
 def _chromium(chromium: str, page: Path, profile: Path, *arguments: str) -> subprocess.CompletedProcess:
-    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--no-first-run", "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}",
-               "--host-resolver-rules=MAP * ~NOTFOUND",  # nothing may come from the network
-               "--virtual-time-budget=15000", "--window-size=1280,900", *arguments, page.as_uri()]
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--disable-extensions",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",  # nothing may come from the network
+        "--virtual-time-budget=15000",
+        "--window-size=1280,900",
+        *arguments,
+        page.as_uri(),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, f"chromium failed ({result.returncode}): {result.stderr[-3000:]}"
     return result
@@ -254,5 +291,7 @@ def test_report_shows_a_figure_and_screenshot(report, chromium, tmp_path):
     colours = np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)
     assert len(colours) > 50, f"screenshot has only {len(colours)} colours"
     assert pixels.std() > 0.05
-    print(f"\nscreenshot: {screenshot} ({screenshot.stat().st_size} bytes, {len(colours)} colours); "
-          f"report {report.stat().st_size / 2**20:.2f} MiB; {time.perf_counter() - started:.1f} s")
+    print(
+        f"\nscreenshot: {screenshot} ({screenshot.stat().st_size} bytes, {len(colours)} colours); "
+        f"report {report.stat().st_size / 2**20:.2f} MiB; {time.perf_counter() - started:.1f} s"
+    )

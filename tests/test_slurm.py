@@ -24,9 +24,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import yaml
+from workflow_runner import REPO, TINY, copy_workflow, job_counts, workflow_rules
 
 from lungreg.evaluate import TIMING_COLUMNS
-from workflow_runner import REPO, TINY, copy_workflow, job_counts, workflow_rules
 
 pytestmark = pytest.mark.slurm
 
@@ -90,17 +90,23 @@ def local_slurm():
     if reason:
         pytest.skip(f"SLURM integration test skipped: {reason}")
     try:
-        started = subprocess.run(["bash", str(SCRIPTS / "start-local-slurm.sh")],
-                                 capture_output=True, text=True, timeout=900)
+        started = subprocess.run(
+            ["bash", str(SCRIPTS / "start-local-slurm.sh")], capture_output=True, text=True, timeout=900
+        )
     except subprocess.TimeoutExpired:
         subprocess.run(["bash", str(SCRIPTS / "stop-local-slurm.sh")], capture_output=True, timeout=120)
         pytest.skip("SLURM integration test skipped: start-local-slurm.sh took longer than 15 minutes")
     if started.returncode != 0:
         subprocess.run(["bash", str(SCRIPTS / "stop-local-slurm.sh")], capture_output=True, timeout=120)
-        what = {3: "slurm-wlm/munge could not be installed", 4: "SLURM did not come up",
-                5: "this machine has a SLURM configuration of its own"}.get(started.returncode, "start failed")
-        pytest.skip(f"SLURM integration test skipped: {what} (start-local-slurm.sh exit {started.returncode}): "
-                    f"{(started.stderr or started.stdout).strip()[-800:]}")
+        what = {
+            3: "slurm-wlm/munge could not be installed",
+            4: "SLURM did not come up",
+            5: "this machine has a SLURM configuration of its own",
+        }.get(started.returncode, "start failed")
+        pytest.skip(
+            f"SLURM integration test skipped: {what} (start-local-slurm.sh exit {started.returncode}): "
+            f"{(started.stderr or started.stdout).strip()[-800:]}"
+        )
     try:
         partition = slurm("sinfo", "-h", "-o", "%P").split()[0].rstrip("*")
         yield SimpleNamespace(account=TEST_ACCOUNT, partition=partition)
@@ -119,26 +125,50 @@ def slurm_study(local_slurm, tmp_path_factory, request):
     # the README's command; jobs run `sys.executable -m snakemake` (sbatch --export=ALL). Every job's
     # scheduler output goes to a temporary folder, never into the checkout.
     job_output = tmp_path_factory.mktemp("slurm_job_output")
-    command = [sys.executable, "-m", "snakemake", "--profile", "profiles/slurm", "--configfile", str(TINY),
-               "--slurm-logdir", str(job_output)]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        str(TINY),
+        "--slurm-logdir",
+        str(job_output),
+    ]
     start = time.monotonic()
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=3600)
     seconds = time.monotonic() - start
     if result.returncode != 0:
-        raise AssertionError(f"snakemake --profile profiles/slurm failed ({result.returncode}) after {seconds:.0f} s:\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-8000:]}")
+        raise AssertionError(
+            f"snakemake --profile profiles/slurm failed ({result.returncode}) after {seconds:.0f} s:\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-8000:]}"
+        )
     log = result.stdout + result.stderr
     submitted = [(int(job), int(slurm_id), Path(logfile)) for job, slurm_id, logfile in SUBMITTED.findall(log)]
     # what the scheduler knows of every job (finished jobs stay listed: MinJobAge=3600)
     listed = slurm("squeue", "--noheader", "--states=all", "--Format=JobID:20,State:20,tres-per-job:60")
-    jobs = {int(fields[0]): SimpleNamespace(state=fields[1], tres=fields[2])
-            for fields in map(str.split, listed.splitlines()) if len(fields) == 3}
+    jobs = {
+        int(fields[0]): SimpleNamespace(state=fields[1], tres=fields[2])
+        for fields in map(str.split, listed.splitlines())
+        if len(fields) == 3
+    }
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled():  # shown without -s
-        print(f"\nSLURM run of the tiny study: {seconds:.0f} s wall time, {len(submitted)} jobs submitted through "
-              f"SLURM ({len(jobs)} jobs listed by squeue)", flush=True)
-    return SimpleNamespace(workdir=workdir, profile=profile, log=log, submitted=submitted, jobs=jobs, seconds=seconds,
-                           job_output=job_output)
+        print(
+            f"\nSLURM run of the tiny study: {seconds:.0f} s wall time, {len(submitted)} jobs submitted through "
+            f"SLURM ({len(jobs)} jobs listed by squeue)",
+            flush=True,
+        )
+    return SimpleNamespace(
+        workdir=workdir,
+        profile=profile,
+        log=log,
+        submitted=submitted,
+        jobs=jobs,
+        seconds=seconds,
+        job_output=job_output,
+    )
 
 
 def test_skip_reason_names_what_is_missing(monkeypatch):
@@ -169,7 +199,9 @@ def test_every_job_but_the_local_rules_went_through_slurm(slurm_study):
 
 def test_gpu_rules_asked_slurm_for_one_gpu_and_cpu_rules_for_none(slurm_study):
     gpu = workflow_gpu_rules(slurm_study.workdir)
-    assert gpu and profile_gpu_rules(slurm_study.profile) == gpu  # the profile sends every GPU rule to the GPU partition
+    assert (
+        gpu and profile_gpu_rules(slurm_study.profile) == gpu
+    )  # the profile sends every GPU rule to the GPU partition
     tres = {i: job.tres for i, job in slurm_study.jobs.items()}
     requested = {(rule_of(logfile), tres.get(slurm_id, "not listed")) for _, slurm_id, logfile in slurm_study.submitted}
     assert requested == {(rule, "gres:gpu:1" if rule in gpu else "N/A") for rule, _ in requested}
@@ -192,5 +224,6 @@ def test_slurm_tables_equal_the_local_run(slurm_study, request):
         local = pd.read_csv(local_study / folder / name, sep="\t")
         remote = pd.read_csv(slurm_study.workdir / folder / name, sep="\t")
         timing = [c for c in TIMING_COLUMNS if c in local.columns]
-        pd.testing.assert_frame_equal(remote.drop(columns=timing), local.drop(columns=timing),
-                                      check_exact=True, obj=name)
+        pd.testing.assert_frame_equal(
+            remote.drop(columns=timing), local.drop(columns=timing), check_exact=True, obj=name
+        )

@@ -63,8 +63,13 @@ def test_gradients_reach_both_branches_and_the_encoder():
 
 
 def test_short_training_recovers_a_known_shift(shifted_pair):
-    checkpoint, history = train([shifted_pair] * 4, [shifted_pair], SMALL, PAPER_LOSS,
-                                TrainSettings(epochs=25, batch_size=2, learning_rate=3e-3, seed=1))
+    checkpoint, history = train(
+        [shifted_pair] * 4,
+        [shifted_pair],
+        SMALL,
+        PAPER_LOSS,
+        TrainSettings(epochs=25, batch_size=2, learning_rate=3e-3, seed=1),
+    )
     assert history["train_loss"].iloc[-1] < 0.5 * history["train_loss"].iloc[0]
     net = RegistrationNet(SMALL)
     net.load_state_dict(checkpoint["state_dict"])
@@ -73,7 +78,9 @@ def test_short_training_recovers_a_known_shift(shifted_pair):
     displacement_x = (out.grid[0, ..., 0] + 1) / 2 * (SHAPE[2] - 1) - torch.arange(SHAPE[2])  # voxels
     inside = torch.from_numpy(blobs() > 0.3)
     error_registered = (displacement_x[inside] - SHIFT_VOXELS).abs().mean()
-    assert error_registered < 0.5 * SHIFT_VOXELS, f"mean x error {error_registered:.2f} voxels (identity: {SHIFT_VOXELS})"
+    assert error_registered < 0.5 * SHIFT_VOXELS, (
+        f"mean x error {error_registered:.2f} voxels (identity: {SHIFT_VOXELS})"
+    )
     assert history["val_dice"].iloc[-1] > history["val_dice_unregistered"].iloc[-1]
 
 
@@ -91,7 +98,9 @@ def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_run(shifted_
 
 def test_a_checkpoint_from_other_settings_is_not_resumed(shifted_pair, tmp_path):
     train([shifted_pair], [shifted_pair], SMALL, PAPER_LOSS, TrainSettings(epochs=1, seed=1), tmp_path / "c.pt")
-    _, history = train([shifted_pair], [shifted_pair], SMALL, PAPER_LOSS, TrainSettings(epochs=1, seed=2), tmp_path / "c.pt")
+    _, history = train(
+        [shifted_pair], [shifted_pair], SMALL, PAPER_LOSS, TrainSettings(epochs=1, seed=2), tmp_path / "c.pt"
+    )
     assert list(history["epoch"]) == [1]  # started over: the seed differs
 
 

@@ -20,8 +20,9 @@ def rotation_direction(degrees: float, axis: str = "z") -> tuple[float, ...]:
 
 
 FIXED = Grid(size=(20, 16, 12), spacing=(1.5, 2.0, 3.0), origin=(-10.0, 5.0, 30.0), direction=rotation_direction(15))
-MOVING = Grid(size=(20, 16, 12), spacing=(1.4, 2.2, 2.8), origin=(-12.0, 3.0, 28.0),
-              direction=rotation_direction(-8, "x"))
+MOVING = Grid(
+    size=(20, 16, 12), spacing=(1.4, 2.2, 2.8), origin=(-12.0, 3.0, 28.0), direction=rotation_direction(-8, "x")
+)
 
 
 def smooth_volume(grid: Grid, seed: int = 0) -> np.ndarray:
@@ -30,8 +31,10 @@ def smooth_volume(grid: Grid, seed: int = 0) -> np.ndarray:
     points = grid.voxel_centres()
     centre = points.reshape(-1, 3).mean(0)
     freq = rng.uniform(0.05, 0.12, size=3)
-    return (np.sin(freq[0] * (points[..., 0] - centre[0])) * np.cos(freq[1] * (points[..., 1] - centre[1]))
-            + 0.5 * np.sin(freq[2] * (points[..., 2] - centre[2]))).astype(np.float32)
+    return (
+        np.sin(freq[0] * (points[..., 0] - centre[0])) * np.cos(freq[1] * (points[..., 1] - centre[1]))
+        + 0.5 * np.sin(freq[2] * (points[..., 2] - centre[2]))
+    ).astype(np.float32)
 
 
 def affine_network(raw_output: np.ndarray) -> RegistrationNet:
@@ -66,8 +69,16 @@ def test_known_affine_matches_simpleitk_resampling_in_physical_space(affine_map)
     with torch.no_grad():
         out = net(torch.from_numpy(moving_array)[None, None], torch.zeros(1, 1, *FIXED.shape))
     physical = transform.affine_to_physical(out.theta[0].numpy(), FIXED, MOVING)
-    reference = sitk.GetArrayFromImage(sitk.Resample(
-        image_from_array(moving_array, MOVING), FIXED.reference_image(), physical, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    reference = sitk.GetArrayFromImage(
+        sitk.Resample(
+            image_from_array(moving_array, MOVING),
+            FIXED.reference_image(),
+            physical,
+            sitk.sitkLinear,
+            0.0,
+            sitk.sitkFloat32,
+        )
+    )
     mapped = np.stack([physical.TransformPoint(p.tolist()) for p in FIXED.voxel_centres().reshape(-1, 3)])
     inside = inside_moving(MOVING, mapped).reshape(FIXED.shape)
     assert inside.mean() > 0.5  # the comparison covers most of the volume
@@ -83,9 +94,16 @@ def test_exported_field_reproduces_the_network_warp_with_simpleitk():
         out = net(torch.from_numpy(moving_array)[None, None], torch.from_numpy(smooth_volume(FIXED, 2))[None, None])
     assert (out.gradients - 1).abs().max() > 0.05
     field = transform.grid_to_displacement(out.grid[0].double().numpy(), FIXED, MOVING)
-    resampled = sitk.GetArrayFromImage(sitk.Resample(
-        image_from_array(moving_array, MOVING), FIXED.reference_image(), transform.displacement_transform(field, FIXED),
-        sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    resampled = sitk.GetArrayFromImage(
+        sitk.Resample(
+            image_from_array(moving_array, MOVING),
+            FIXED.reference_image(),
+            transform.displacement_transform(field, FIXED),
+            sitk.sitkLinear,
+            0.0,
+            sitk.sitkFloat32,
+        )
+    )
     inside = inside_moving(MOVING, FIXED.voxel_centres() + field)
     np.testing.assert_allclose(out.warped[0, 0].numpy()[inside], resampled[inside], atol=2e-4)
 
@@ -115,8 +133,10 @@ def exact_jacobian_determinants(net: RegistrationNet, shape, seed: int) -> np.nd
     of trilinear interpolation), by central differences with a step far below a voxel."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        out = net(torch.rand(1, 1, *shape, generator=generator, dtype=torch.float64),
-                  torch.rand(1, 1, *shape, generator=generator, dtype=torch.float64))
+        out = net(
+            torch.rand(1, 1, *shape, generator=generator, dtype=torch.float64),
+            torch.rand(1, 1, *shape, generator=generator, dtype=torch.float64),
+        )
         voxel = 2.0 / (torch.tensor(shape[::-1], dtype=torch.float64) - 1)
         points = transform.identity_grid(shape, dtype=torch.float64).reshape(1, -1, 3)
         points = points + (torch.rand(points.shape, generator=generator, dtype=torch.float64) - 0.5) * 0.5 * voxel
@@ -156,18 +176,29 @@ def test_the_additive_affine_can_mirror_while_the_exponential_one_cannot():
 def test_grid_lines_are_monotonic_along_their_own_axis():
     net = random_network(1, ModelSettings(width=0.125, affine=False))
     with torch.no_grad():
-        gradients = net(torch.rand(1, 1, 8, 10, 12, dtype=torch.float64), torch.rand(1, 1, 8, 10, 12, dtype=torch.float64)).gradients
-    grid = transform.identity_grid((8, 10, 12), dtype=torch.float64) + transform.axial_displacements(gradients).permute(0, 2, 3, 4, 1)
-    assert (grid[..., 0].diff(dim=3) > 0).all() and (grid[..., 1].diff(dim=2) > 0).all() and (grid[..., 2].diff(dim=1) > 0).all()
+        gradients = net(
+            torch.rand(1, 1, 8, 10, 12, dtype=torch.float64), torch.rand(1, 1, 8, 10, 12, dtype=torch.float64)
+        ).gradients
+    grid = transform.identity_grid((8, 10, 12), dtype=torch.float64) + transform.axial_displacements(gradients).permute(
+        0, 2, 3, 4, 1
+    )
+    assert (
+        (grid[..., 0].diff(dim=3) > 0).all()
+        and (grid[..., 1].diff(dim=2) > 0).all()
+        and (grid[..., 2].diff(dim=1) > 0).all()
+    )
 
 
 def test_fd_jacobian_of_a_smooth_trained_like_field_is_positive_and_matches_sitk():
     """The evaluation's Jacobian (physical, finite differences) against SimpleITK's filter."""
     grid = Grid(size=(16, 14, 12), spacing=(1.5, 2.0, 3.0), origin=(0, 0, 0), direction=tuple(np.eye(3).ravel()))
     points = grid.voxel_centres()
-    field = np.stack([2 * np.sin(points[..., 1] / 9), 1.5 * np.cos(points[..., 0] / 7), np.sin(points[..., 2] / 11)], -1)
+    field = np.stack(
+        [2 * np.sin(points[..., 1] / 9), 1.5 * np.cos(points[..., 0] / 7), np.sin(points[..., 2] / 11)], -1
+    )
     ours = metrics.jacobian_determinant(field, grid)
-    theirs = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(
-        transform.displacement_image(field, grid), True))
+    theirs = sitk.GetArrayFromImage(
+        sitk.DisplacementFieldJacobianDeterminant(transform.displacement_image(field, grid), True)
+    )
     np.testing.assert_allclose(ours[1:-1, 1:-1, 1:-1], theirs[1:-1, 1:-1, 1:-1], rtol=1e-6, atol=1e-6)
     assert ours.min() > 0

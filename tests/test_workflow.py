@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-
 from workflow_runner import REPO, copy_workflow, job_counts, snakemake
 
 pytestmark = pytest.mark.workflow
@@ -33,8 +32,11 @@ def test_tiny_study_produces_the_cohort_and_common_grid(tiny_study):
     assert len(cohort) == TINY_SUBJECTS
     assert (cohort["split"] == "validation").sum() == TINY_VALIDATION
     assert set(cohort["label"]) == {"ILD", "healthy"}
-    shapes = {sitk.ReadImage(str(tiny_study / f"results/preprocessed/{s}/{p}_image.nii.gz")).GetSize()
-              for s in cohort["subject"] for p in ("inhale", "exhale")}
+    shapes = {
+        sitk.ReadImage(str(tiny_study / f"results/preprocessed/{s}/{p}_image.nii.gz")).GetSize()
+        for s in cohort["subject"]
+        for p in ("inhale", "exhale")
+    }
     assert shapes == {(24, 24, 12)}
 
 
@@ -42,9 +44,12 @@ def test_tiny_study_produces_every_table_with_the_expected_rows(tiny_study):
     pairs = table(tiny_study, "pairs")
     counts = pairs.groupby(["method", "protocol"]).size().to_dict()
     assert counts == {
-        ("unregistered", "inhale_exhale"): TINY_SUBJECTS, ("unregistered", "all_combinations"): TINY_VALIDATION**2,
-        ("proposed", "inhale_exhale"): TINY_SUBJECTS, ("proposed", "all_combinations"): TINY_VALIDATION**2,
-        ("syn", "inhale_exhale"): TINY_VALIDATION, ("sitk_bspline", "inhale_exhale"): TINY_VALIDATION,
+        ("unregistered", "inhale_exhale"): TINY_SUBJECTS,
+        ("unregistered", "all_combinations"): TINY_VALIDATION**2,
+        ("proposed", "inhale_exhale"): TINY_SUBJECTS,
+        ("proposed", "all_combinations"): TINY_VALIDATION**2,
+        ("syn", "inhale_exhale"): TINY_VALIDATION,
+        ("sitk_bspline", "inhale_exhale"): TINY_VALIDATION,
     }
     table1 = table(tiny_study, "table1_dice")
     assert list(table1["method"]) == ["unregistered", "proposed", "syn", "sitk_bspline"]
@@ -74,7 +79,12 @@ def test_intra_patient_pairs_have_their_files_and_inter_patient_pairs_do_not(tin
     folders = sorted((tiny_study / "results/registration/proposed/inhale_exhale").glob("chunk-*/[!.]*"))
     assert len(folders) == TINY_SUBJECTS
     for folder in folders:
-        assert {p.name for p in folder.iterdir()} == {"displacement.nii.gz", "warped.nii.gz", "warped_mask.nii.gz", "affine.tfm"}
+        assert {p.name for p in folder.iterdir()} == {
+            "displacement.nii.gz",
+            "warped.nii.gz",
+            "warped_mask.nii.gz",
+            "affine.tfm",
+        }
     saved = (tiny_study / "results/registration/proposed/all_combinations").glob("chunk-*/[!.]*")
     for folder in saved:  # only the diagonal (a patient's own pair) of all_combinations
         moving, fixed = folder.name.split("__")
@@ -89,15 +99,19 @@ def test_identity_rows_match_between_unregistered_and_the_stored_field_grid(tiny
     fixed = sitk.ReadImage(str(tiny_study / f"results/preprocessed/{fixed_subject}/exhale_image.nii.gz"))
     assert field.GetNumberOfComponentsPerPixel() == 3
     assert field.GetSize() == fixed.GetSize() and np.allclose(field.GetOrigin(), fixed.GetOrigin())
-    assert np.allclose(field.GetSpacing(), fixed.GetSpacing()) and np.allclose(field.GetDirection(), fixed.GetDirection())
+    assert np.allclose(field.GetSpacing(), fixed.GetSpacing()) and np.allclose(
+        field.GetDirection(), fixed.GetDirection()
+    )
 
 
 def test_bad_manifest_stops_before_anything_is_written(tmp_path):
     workdir = copy_workflow(tmp_path / "study")
     (tmp_path / "data").mkdir()
     manifest = tmp_path / "data" / "subjects.tsv"
-    manifest.write_text("subject\tlabel\tinhale\texhale\tinhale_mask\texhale_mask\n"
-                        "p01\tILD\tmissing_in.nii.gz\tmissing_ex.nii.gz\tm1.nii.gz\tm2.nii.gz\n")
+    manifest.write_text(
+        "subject\tlabel\tinhale\texhale\tinhale_mask\texhale_mask\n"
+        "p01\tILD\tmissing_in.nii.gz\tmissing_ex.nii.gz\tm1.nii.gz\tm2.nii.gz\n"
+    )
     result = snakemake(workdir, "--config", f"subjects={manifest}", check=False)
     assert result.returncode != 0
     message = result.stdout + result.stderr
@@ -110,10 +124,16 @@ def real_ct_study(tmp_path, elastix_lung_pair):
     """The real CT pair as a one-subject, unlabelled cohort."""
     manifest = tmp_path / "subjects.tsv"
     names = ["baseline", "followup"]
-    rows = {"subject": "elastix01", "label": "",
-            **{phase: str(elastix_lung_pair / f"{n}.mha") for phase, n in zip(("exhale", "inhale"), names)},
-            **{f"{phase}_mask": str(elastix_lung_pair / f"{n}_mask.mha") for phase, n in zip(("exhale", "inhale"), names)},
-            **{f"{phase}_landmarks": str(elastix_lung_pair / f"{n}_landmarks.txt") for phase, n in zip(("exhale", "inhale"), names)}}
+    rows = {
+        "subject": "elastix01",
+        "label": "",
+        **{phase: str(elastix_lung_pair / f"{n}.mha") for phase, n in zip(("exhale", "inhale"), names)},
+        **{f"{phase}_mask": str(elastix_lung_pair / f"{n}_mask.mha") for phase, n in zip(("exhale", "inhale"), names)},
+        **{
+            f"{phase}_landmarks": str(elastix_lung_pair / f"{n}_landmarks.txt")
+            for phase, n in zip(("exhale", "inhale"), names)
+        },
+    }
     pd.DataFrame([rows]).to_csv(manifest, sep="\t", index=False)
     config = tmp_path / "ct.yaml"
     config.write_text(
@@ -123,7 +143,8 @@ def real_ct_study(tmp_path, elastix_lung_pair):
         "train: {epochs: 2}\n"
         "inference: {protocols: [inhale_exhale], chunks: {inhale_exhale: 1}}\n"
         "baselines: {syn: {enabled: false}, sitk_bspline: {enabled: false}}\n"
-        "threads: {gpu_jobs: 1}\n")
+        "threads: {gpu_jobs: 1}\n"
+    )
     return copy_workflow(tmp_path / "study"), manifest, config
 
 

@@ -25,16 +25,19 @@ def copy_workflow(destination: Path) -> Path:
     return destination
 
 
-def snakemake(workdir: Path, *arguments: str, check: bool = True, timeout: float = 1200,
-              configfiles: tuple[Path, ...] = (TINY,)) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *arguments: str, check: bool = True, timeout: float = 1200, configfiles: tuple[Path, ...] = (TINY,)
+) -> subprocess.CompletedProcess:
     """`snakemake --cores 2 --resources gpu=1 ARGUMENTS` in `workdir` with the tiny config."""
     command = [sys.executable, "-m", "snakemake", "--cores", "2", "--resources", "gpu=1"]
     if configfiles:
         command += ["--configfile", *map(str, configfiles)]
     result = subprocess.run([*command, *arguments], cwd=workdir, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(arguments)} failed ({result.returncode}):\n"
-                             f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(arguments)} failed ({result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -83,8 +86,9 @@ def workflow_rules(workdir: Path) -> dict[str, dict]:
     """Every rule of the workflow in `workdir` as Snakemake itself reads it (in a subprocess): its
     conda env, script, log, benchmark, whether it runs locally and the GPUs it asks for. Rules built
     with `use rule ... with:`, in loops or by includes are all there, unlike a parse of rules/*.smk."""
-    result = subprocess.run([sys.executable, "-c", RULES_SCRIPT], cwd=workdir, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", RULES_SCRIPT], cwd=workdir, capture_output=True, text=True, timeout=300
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("RULES-JSON ")]
     assert result.returncode == 0 and lines, f"loading the workflow failed:\n{result.stderr[-4000:]}"
     return json.loads(lines[-1].removeprefix("RULES-JSON "))

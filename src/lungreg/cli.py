@@ -56,20 +56,29 @@ Bad input (missing or unreadable file, not a 3-D scalar image, NaN voxels, a mas
 image's grid, a model file without preprocessing settings) stops with one line and exit code 1.
 """
 
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lungreg", description="Lung registration with a 3D CNN (lungreg).")
     commands = parser.add_subparsers(dest="command", required=True)
-    register = commands.add_parser("register", help="register one pair with a trained model",
-                                   description=REGISTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    register = commands.add_parser(
+        "register",
+        help="register one pair with a trained model",
+        description=REGISTER_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     register.add_argument("fixed", type=Path, help="fixed (reference) image: anything SimpleITK reads")
     register.add_argument("moving", type=Path, help="moving (source) image")
     register.add_argument("--model", type=Path, required=True, help="model.pt written by the workflow's train rule")
     register.add_argument("--out", type=Path, required=True, help="output folder (created)")
     register.add_argument("--moving-mask", type=Path, help="moving lung mask (0/1, on MOVING's grid), carried along")
-    register.add_argument("--fixed-landmarks", type=Path,
-                          help="CSV with x, y, z columns (mm, LPS) or elastix points: mapped into MOVING")
-    register.add_argument("--preprocessed", action="store_true",
-                          help="the images are already preprocessed (results/preprocessed/*/*_image.nii.gz)")
+    register.add_argument(
+        "--fixed-landmarks", type=Path, help="CSV with x, y, z columns (mm, LPS) or elastix points: mapped into MOVING"
+    )
+    register.add_argument(
+        "--preprocessed",
+        action="store_true",
+        help="the images are already preprocessed (results/preprocessed/*/*_image.nii.gz)",
+    )
     register.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     return parser
 
@@ -84,9 +93,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if arguments.command == "register":
         try:
-            written = register_pair(arguments.model, arguments.fixed, arguments.moving, arguments.out,
-                                    arguments.moving_mask, arguments.device, arguments.preprocessed,
-                                    arguments.fixed_landmarks)
+            written = register_pair(
+                arguments.model,
+                arguments.fixed,
+                arguments.moving,
+                arguments.out,
+                arguments.moving_mask,
+                arguments.device,
+                arguments.preprocessed,
+                arguments.fixed_landmarks,
+            )
         except (InputError, CorruptFileError) as error:
             print(f"lungreg register: error: {error}", file=sys.stderr)
             return 1

@@ -24,10 +24,19 @@ def settings_from(cls: type[T], section: Mapping[str, Any] | None, where: str, *
     names = [f.name for f in fields(cls) if f.init and f.name not in given]
     unknown = sorted(set(section) - set(names))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)} (unknown options are refused, not ignored); "
-                         f"known keys: {', '.join(sorted(names))}")
-    missing = [f.name for f in fields(cls) if f.init and f.name in names and f.name not in section
-               and f.default is MISSING and f.default_factory is MISSING]
+        raise ValueError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (unknown options are refused, not ignored); "
+            f"known keys: {', '.join(sorted(names))}"
+        )
+    missing = [
+        f.name
+        for f in fields(cls)
+        if f.init
+        and f.name in names
+        and f.name not in section
+        and f.default is MISSING
+        and f.default_factory is MISSING
+    ]
     if missing:
         raise ValueError(f"{where} lacks: {', '.join(missing)}")
     return cls(**section, **given)

@@ -18,7 +18,12 @@ from .geometry import Grid, resample
 from .network.transform import displacement_transform
 from .study import Pair, PreprocessedLayout
 
-TIMING_COLUMNS = ("seconds", "seconds_per_pair", "device", "threads")  # vary run to run; everything else is reproducible
+TIMING_COLUMNS = (
+    "seconds",
+    "seconds_per_pair",
+    "device",
+    "threads",
+)  # vary run to run; everything else is reproducible
 
 
 @dataclass
@@ -68,8 +73,11 @@ def landmark_rows(pair: Pair, fixed: Phase, moving: Phase, displacement: np.ndar
     errors = np.full((len(in_view), 4), np.nan)
     if in_view.any():
         errors[in_view] = metrics.landmark_errors(
-            displacement, fixed.grid, fixed.landmarks.loc[in_view, ["x", "y", "z"]].to_numpy(),
-            moving.landmarks.loc[in_view, ["x", "y", "z"]].to_numpy())
+            displacement,
+            fixed.grid,
+            fixed.landmarks.loc[in_view, ["x", "y", "z"]].to_numpy(),
+            moving.landmarks.loc[in_view, ["x", "y", "z"]].to_numpy(),
+        )
     rows = pd.DataFrame(errors, columns=["dx", "dy", "dz", "ds"])
     rows.insert(0, "in_view", in_view)
     rows.insert(0, "landmark", fixed.landmarks["landmark"].astype(str).to_numpy())
@@ -77,8 +85,9 @@ def landmark_rows(pair: Pair, fixed: Phase, moving: Phase, displacement: np.ndar
     return rows
 
 
-def evaluate_pair(pair: Pair, fixed: Phase, moving: Phase, displacement: np.ndarray,
-                  truth: sitk.Image | None = None) -> tuple[dict, pd.DataFrame]:
+def evaluate_pair(
+    pair: Pair, fixed: Phase, moving: Phase, displacement: np.ndarray, truth: sitk.Image | None = None
+) -> tuple[dict, pd.DataFrame]:
     """Metrics of one pair (a table row) and its landmark rows."""
     landmarks = landmark_rows(pair, fixed, moving, displacement)
     scored = landmarks[landmarks["in_view"].astype(bool)] if len(landmarks) else landmarks
@@ -94,4 +103,3 @@ def evaluate_pair(pair: Pair, fixed: Phase, moving: Phase, displacement: np.ndar
     if truth is not None:
         row.update(metrics.endpoint_errors(displacement, fixed.grid, truth, fixed.mask))
     return row, landmarks
-

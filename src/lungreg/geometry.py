@@ -118,8 +118,9 @@ def common_grid(grids: list[Grid], reference: Grid, factor: float, shape_zyx: tu
     return Grid(tuple(int(s) for s in size), tuple(spacing), tuple(origin), reference.direction)
 
 
-def resample(image: sitk.Image, grid: Grid, interpolator: str, default: float = 0.0,
-             transform: sitk.Transform | None = None) -> sitk.Image:
+def resample(
+    image: sitk.Image, grid: Grid, interpolator: str, default: float = 0.0, transform: sitk.Transform | None = None
+) -> sitk.Image:
     """Resample `image` onto `grid` (through `transform`, fixed-to-moving, if given)."""
     return sitk.Resample(
         image,

@@ -91,8 +91,12 @@ def _check_subject_id(subject: str, row_number: int, path: Path) -> None:
     if not subject:
         raise InputError(None, path, f"line {row_number}: empty subject id")
     if not SUBJECT_PATTERN.match(subject):
-        raise InputError(subject, path, f"subject id {subject!r} must match {SUBJECT_PATTERN.pattern} "
-                                        "(safe for file names and Snakemake wildcards)")
+        raise InputError(
+            subject,
+            path,
+            f"subject id {subject!r} must match {SUBJECT_PATTERN.pattern} "
+            "(safe for file names and Snakemake wildcards)",
+        )
 
 
 def _check_unique_subjects(frame: pd.DataFrame, path: Path) -> None:
@@ -105,8 +109,7 @@ def _check_unique_subjects(frame: pd.DataFrame, path: Path) -> None:
 
 def _check_label(row: Mapping[str, str], path: Path) -> None:
     if row["label"] and row["label"] not in LABELS:
-        raise InputError(row["subject"], path,
-                         f"unknown label {row['label']!r} (expected healthy, ILD or empty)")
+        raise InputError(row["subject"], path, f"unknown label {row['label']!r} (expected healthy, ILD or empty)")
 
 
 def _check_required_paths(row: Mapping[str, str], path: Path) -> None:
@@ -129,8 +132,9 @@ def _check_3d_scalar(subject: str, path: str | os.PathLike, image: sitk.Image) -
         size = " x ".join(str(s) for s in image.GetSize())
         raise InputError(subject, path, f"not a 3D image ({image.GetDimension()}D, {size} voxels)")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(subject, path, f"{image.GetNumberOfComponentsPerPixel()} components per voxel, "
-                                        "expected a scalar image")
+        raise InputError(
+            subject, path, f"{image.GetNumberOfComponentsPerPixel()} components per voxel, expected a scalar image"
+        )
 
 
 def _is_nifti(path: str | os.PathLike) -> bool:
@@ -213,8 +217,9 @@ def _fmt(values: tuple) -> str:
     return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
-def check_mask_grid(subject: str, mask_path: str | os.PathLike, mask_grid: Grid,
-                    image_path: str | os.PathLike, image_grid: Grid) -> None:
+def check_mask_grid(
+    subject: str, mask_path: str | os.PathLike, mask_grid: Grid, image_path: str | os.PathLike, image_grid: Grid
+) -> None:
     difference = grid_difference(mask_grid, image_grid)
     if difference:
         raise InputError(subject, mask_path, f"mask grid differs from its image {image_path}: {difference}")
@@ -224,17 +229,22 @@ def check_landmark_columns(subject: str, inhale: str | None, exhale: str | None)
     """Landmarks come in pairs: both phases or neither."""
     if bool(inhale) != bool(exhale):
         given, empty = ("inhale", "exhale") if inhale else ("exhale", "inhale")
-        raise InputError(subject, inhale or exhale,
-                         f"{given}_landmarks given but {empty}_landmarks empty (both phases or neither)")
+        raise InputError(
+            subject, inhale or exhale, f"{given}_landmarks given but {empty}_landmarks empty (both phases or neither)"
+        )
 
 
-def check_landmark_counts(subject: str, paths: Mapping[str, str | os.PathLike],
-                          points: Mapping[str, np.ndarray]) -> None:
+def check_landmark_counts(
+    subject: str, paths: Mapping[str, str | os.PathLike], points: Mapping[str, np.ndarray]
+) -> None:
     counts = {phase: len(points[phase]) for phase in PHASES}
     if counts["inhale"] != counts["exhale"]:
-        raise InputError(subject, paths["exhale"],
-                         f"{counts['exhale']} landmarks, but {paths['inhale']} has {counts['inhale']} "
-                         "(pairs must correspond row by row)")
+        raise InputError(
+            subject,
+            paths["exhale"],
+            f"{counts['exhale']} landmarks, but {paths['inhale']} has {counts['inhale']} "
+            "(pairs must correspond row by row)",
+        )
 
 
 def landmarks_in_view(points: Mapping[str, np.ndarray], grids: Mapping[str, Grid]) -> np.ndarray:
@@ -256,8 +266,10 @@ class SubjectCheck:
     def line(self) -> str:
         if not self.landmarks:
             return f"subject {self.subject}: no landmarks"
-        return (f"subject {self.subject}: {self.in_view} of {self.landmarks} landmark pairs in view in "
-                f"both phases, {self.excluded} excluded")
+        return (
+            f"subject {self.subject}: {self.in_view} of {self.landmarks} landmark pairs in view in "
+            f"both phases, {self.excluded} excluded"
+        )
 
 
 @dataclass(frozen=True)
@@ -288,8 +300,10 @@ def _grid_to_json(grid: Grid) -> dict:
 
 
 def _grid_from_json(data: Mapping) -> Grid:
-    return Grid(tuple(int(s) for s in data["size"]), *(tuple(float(v) for v in data[k])
-                                                       for k in ("spacing", "origin", "direction")))
+    return Grid(
+        tuple(int(s) for s in data["size"]),
+        *(tuple(float(v) for v in data[k]) for k in ("spacing", "origin", "direction")),
+    )
 
 
 def _image_facts(subject: str, path: str) -> dict:
@@ -380,8 +394,10 @@ def _check_row(row: Mapping[str, str], facts: _FactStore) -> SubjectCheck:
     check_landmark_columns(subject, paths["inhale"], paths["exhale"])
     if not paths["inhale"]:
         return SubjectCheck(subject, row.get("label", ""), 0, 0, 0)
-    points = {phase: np.asarray(facts.get("landmarks", subject, paths[phase])["points"], float).reshape(-1, 3)
-              for phase in PHASES}
+    points = {
+        phase: np.asarray(facts.get("landmarks", subject, paths[phase])["points"], float).reshape(-1, 3)
+        for phase in PHASES
+    }
     check_landmark_counts(subject, paths, points)
     in_view = int(landmarks_in_view(points, grids).sum())
     total = len(points["inhale"])

@@ -36,8 +36,9 @@ def map_points(displacement: np.ndarray, grid: Grid, points: np.ndarray) -> np.n
     return points + sample_displacement(displacement, grid, points)
 
 
-def landmark_errors(displacement: np.ndarray, grid: Grid, fixed_points: np.ndarray,
-                    moving_points: np.ndarray) -> np.ndarray:
+def landmark_errors(
+    displacement: np.ndarray, grid: Grid, fixed_points: np.ndarray, moving_points: np.ndarray
+) -> np.ndarray:
     """Per landmark |dx|, |dy|, |dz| and the Euclidean ds (mm), shape (n, 4).
 
     Each fixed landmark is carried through the fixed -> moving transform and compared with its

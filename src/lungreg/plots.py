@@ -88,19 +88,37 @@ def registration_overlay(fixed, moving, warped, spacing_xyz, path: str | Path, m
     """
     indices = slice_indices(fixed > 0 if mask is None else mask)
     fixed, moving, warped = (np.asarray(a, float) for a in (fixed, moving, warped))
-    limit = max(1e-6, float(np.percentile(np.abs(np.concatenate([(fixed - moving).ravel(), (fixed - warped).ravel()])), 99.5)))
-    columns = [("fixed", lambda p, i: _slice(fixed, p, i), "gray", (0, 1)),
-               ("moving", lambda p, i: _slice(moving, p, i), "gray", (0, 1)),
-               ("warped moving", lambda p, i: _slice(warped, p, i), "gray", (0, 1)),
-               ("checkerboard fixed / warped", lambda p, i: checkerboard(_slice(fixed, p, i), _slice(warped, p, i)), "gray", (0, 1)),
-               ("fixed - moving", lambda p, i: _slice(fixed - moving, p, i), "RdBu_r", (-limit, limit)),
-               ("fixed - warped", lambda p, i: _slice(fixed - warped, p, i), "RdBu_r", (-limit, limit))]
-    figure, axes = plt.subplots(len(PLANES), len(columns), figsize=(2.1 * len(columns), 2.2 * len(PLANES)), squeeze=False)
+    limit = max(
+        1e-6, float(np.percentile(np.abs(np.concatenate([(fixed - moving).ravel(), (fixed - warped).ravel()])), 99.5))
+    )
+    columns = [
+        ("fixed", lambda p, i: _slice(fixed, p, i), "gray", (0, 1)),
+        ("moving", lambda p, i: _slice(moving, p, i), "gray", (0, 1)),
+        ("warped moving", lambda p, i: _slice(warped, p, i), "gray", (0, 1)),
+        (
+            "checkerboard fixed / warped",
+            lambda p, i: checkerboard(_slice(fixed, p, i), _slice(warped, p, i)),
+            "gray",
+            (0, 1),
+        ),
+        ("fixed - moving", lambda p, i: _slice(fixed - moving, p, i), "RdBu_r", (-limit, limit)),
+        ("fixed - warped", lambda p, i: _slice(fixed - warped, p, i), "RdBu_r", (-limit, limit)),
+    ]
+    figure, axes = plt.subplots(
+        len(PLANES), len(columns), figsize=(2.1 * len(columns), 2.2 * len(PLANES)), squeeze=False
+    )
     for row, plane in enumerate(PLANES):
         for column, (name, image, cmap, (low, high)) in enumerate(columns):
             axis = axes[row, column]
-            shown = axis.imshow(image(plane, indices[plane]), cmap=cmap, vmin=low, vmax=high, origin="lower",
-                                aspect=_aspect(spacing_xyz, plane), interpolation="nearest")
+            shown = axis.imshow(
+                image(plane, indices[plane]),
+                cmap=cmap,
+                vmin=low,
+                vmax=high,
+                origin="lower",
+                aspect=_aspect(spacing_xyz, plane),
+                interpolation="nearest",
+            )
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
@@ -126,10 +144,23 @@ def jacobian_map(determinant, background, mask, spacing_xyz, path: str | Path, t
     figure, axes = plt.subplots(1, len(PLANES), figsize=(3.2 * len(PLANES), 3.3), squeeze=False)
     for axis, plane in zip(axes[0], PLANES):
         aspect = _aspect(spacing_xyz, plane)
-        axis.imshow(_slice(background, plane, indices[plane]), cmap="gray", vmin=0, vmax=1, origin="lower",
-                    aspect=aspect, interpolation="nearest")
-        shown = axis.imshow(_slice(shown_determinant, plane, indices[plane]), cmap="RdBu_r", norm=norm,
-                            origin="lower", aspect=aspect, interpolation="nearest")
+        axis.imshow(
+            _slice(background, plane, indices[plane]),
+            cmap="gray",
+            vmin=0,
+            vmax=1,
+            origin="lower",
+            aspect=aspect,
+            interpolation="nearest",
+        )
+        shown = axis.imshow(
+            _slice(shown_determinant, plane, indices[plane]),
+            cmap="RdBu_r",
+            norm=norm,
+            origin="lower",
+            aspect=aspect,
+            interpolation="nearest",
+        )
         folded = _slice(np.where(mask, determinant <= 0, False), plane, indices[plane])
         if folded.any():
             axis.contour(folded.astype(float), levels=[0.5], colors="black", linewidths=0.8)
@@ -169,12 +200,17 @@ def dice_boxplot(pairs: pd.DataFrame, cohort: pd.DataFrame, path: str | Path) ->
     """Lung Dice (%) of the evaluation pairs, a box per method, one panel per protocol."""
     scored = _evaluated(pairs, cohort)
     protocols = [p for p in PROTOCOLS if (scored["protocol"] == p).any()]
-    figure, axes = plt.subplots(1, max(1, len(protocols)), figsize=(3.6 * max(1, len(protocols)), 3.6), squeeze=False,
-                                layout="constrained")
+    figure, axes = plt.subplots(
+        1, max(1, len(protocols)), figsize=(3.6 * max(1, len(protocols)), 3.6), squeeze=False, layout="constrained"
+    )
     for axis, protocol in zip(axes[0], protocols):
         rows = scored[scored["protocol"] == protocol]
-        _method_boxes(axis, {m: 100 * rows.loc[rows["method"] == m, "dice"] for m in _ordered_methods(rows)},
-                      "Dice (%)", f"{protocol} ({rows['pair'].nunique()} pairs)")
+        _method_boxes(
+            axis,
+            {m: 100 * rows.loc[rows["method"] == m, "dice"] for m in _ordered_methods(rows)},
+            "Dice (%)",
+            f"{protocol} ({rows['pair'].nunique()} pairs)",
+        )
     save_figure(figure, path)
 
 
@@ -183,12 +219,17 @@ def landmark_boxplot(landmarks: pd.DataFrame, pairs: pd.DataFrame, cohort: pd.Da
     pairs, in-view landmarks only, a box per method."""
     scored = _evaluated(pairs, cohort)
     chosen = set(scored.loc[scored["protocol"] == "inhale_exhale", "pair"])
-    rows = landmarks[landmarks["pair"].isin(chosen) & (landmarks["protocol"] == "inhale_exhale")
-                     & landmarks["in_view"].astype(bool)]
+    rows = landmarks[
+        landmarks["pair"].isin(chosen) & (landmarks["protocol"] == "inhale_exhale") & landmarks["in_view"].astype(bool)
+    ]
     figure, axes = plt.subplots(1, 4, figsize=(13, 3.6), squeeze=False, layout="constrained")
     for axis, column in zip(axes[0], ("dx", "dy", "dz", "ds")):
-        _method_boxes(axis, {m: rows.loc[rows["method"] == m, column] for m in _ordered_methods(rows)},
-                      "mm", f"|{column}|" if column != "ds" else "ds (Euclidean)")
+        _method_boxes(
+            axis,
+            {m: rows.loc[rows["method"] == m, column] for m in _ordered_methods(rows)},
+            "mm",
+            f"|{column}|" if column != "ds" else "ds (Euclidean)",
+        )
     figure.suptitle(f"Landmark errors, {len(chosen)} inhale-exhale pairs", fontsize=10)
     save_figure(figure, path)
 
@@ -196,30 +237,63 @@ def landmark_boxplot(landmarks: pd.DataFrame, pairs: pd.DataFrame, cohort: pd.Da
 # ----------------------------------------------------------- report jobs (file paths)
 
 
-def overlay_figure(pair_folder: str | Path, fixed_image: str | Path, moving_image: str | Path,
-                   fixed_mask: str | Path, path: str | Path, title: str = "") -> None:
+def overlay_figure(
+    pair_folder: str | Path,
+    fixed_image: str | Path,
+    moving_image: str | Path,
+    fixed_mask: str | Path,
+    path: str | Path,
+    title: str = "",
+) -> None:
     """The overlay of one registered pair from the workflow's files (pair folder: warped.nii.gz)."""
-    images = {name: io.read_intermediate_image(p) for name, p in
-              (("fixed", fixed_image), ("moving", moving_image), ("warped", Path(pair_folder) / "warped.nii.gz"),
-               ("mask", fixed_mask))}
+    images = {
+        name: io.read_intermediate_image(p)
+        for name, p in (
+            ("fixed", fixed_image),
+            ("moving", moving_image),
+            ("warped", Path(pair_folder) / "warped.nii.gz"),
+            ("mask", fixed_mask),
+        )
+    }
     arrays = {name: sitk.GetArrayFromImage(image) for name, image in images.items()}
-    registration_overlay(arrays["fixed"], arrays["moving"], arrays["warped"], images["fixed"].GetSpacing(), path,
-                         mask=arrays["mask"] > 0, title=title or Path(pair_folder).name)
+    registration_overlay(
+        arrays["fixed"],
+        arrays["moving"],
+        arrays["warped"],
+        images["fixed"].GetSpacing(),
+        path,
+        mask=arrays["mask"] > 0,
+        title=title or Path(pair_folder).name,
+    )
 
 
-def jacobian_figure(pair_folder: str | Path, fixed_image: str | Path, fixed_mask: str | Path,
-                    path: str | Path, title: str = "") -> None:
+def jacobian_figure(
+    pair_folder: str | Path, fixed_image: str | Path, fixed_mask: str | Path, path: str | Path, title: str = ""
+) -> None:
     """The Jacobian determinant map of one pair's displacement field, inside the fixed lung."""
     field = io.read_intermediate_image(Path(pair_folder) / "displacement.nii.gz")
     determinant = jacobian_determinant(sitk.GetArrayFromImage(field).astype(float), Grid.of(field))
     background = sitk.GetArrayFromImage(io.read_intermediate_image(fixed_image))
     mask = sitk.GetArrayFromImage(io.read_intermediate_image(fixed_mask)) > 0
-    jacobian_map(determinant, background, mask, field.GetSpacing(), path,
-                 title or f"Jacobian determinant, {Path(pair_folder).name}")
+    jacobian_map(
+        determinant,
+        background,
+        mask,
+        field.GetSpacing(),
+        path,
+        title or f"Jacobian determinant, {Path(pair_folder).name}",
+    )
 
 
-def pair_figure(kind: str, pair_folder: str | Path, fixed_image: str | Path, moving_image: str | Path,
-                fixed_mask: str | Path, path: str | Path, label: str) -> None:
+def pair_figure(
+    kind: str,
+    pair_folder: str | Path,
+    fixed_image: str | Path,
+    moving_image: str | Path,
+    fixed_mask: str | Path,
+    path: str | Path,
+    label: str,
+) -> None:
     """A report figure of one registered pair: its `overlay` or its `jacobian` map (label: "method: pair")."""
     if kind == "overlay":
         overlay_figure(pair_folder, fixed_image, moving_image, fixed_mask, path, label)
@@ -229,8 +303,13 @@ def pair_figure(kind: str, pair_folder: str | Path, fixed_image: str | Path, mov
         raise ValueError(f"unknown pair figure {kind!r}: expected overlay or jacobian")
 
 
-def evaluation_figures(pairs_table: str | Path, landmarks_table: str | Path, cohort_table: str | Path,
-                       dice_path: str | Path, landmarks_path: str | Path) -> None:
+def evaluation_figures(
+    pairs_table: str | Path,
+    landmarks_table: str | Path,
+    cohort_table: str | Path,
+    dice_path: str | Path,
+    landmarks_path: str | Path,
+) -> None:
     """Dice and landmark-error boxplots from the workflow's tables."""
     pairs, cohort = io.read_table(pairs_table), io.read_table(cohort_table)
     dice_boxplot(pairs, cohort, dice_path)
@@ -249,8 +328,12 @@ def tables_page(tables: dict[str, str | Path], path: str | Path, max_rows: int =
         frame = io.read_table(table_path)
         shown = frame.head(max_rows)
         note = f"{len(frame)} rows" + (f", the first {max_rows} shown" if len(frame) > max_rows else "")
-        sections.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(Path(table_path).name)}: {note}</p>"
-                        f"<div class='scroll'>{shown.to_html(index=False, na_rep='', float_format=lambda v: f'{v:.4g}')}</div>")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lungreg tables</title>"
-            f"<style>{TABLE_STYLE}</style></head><body>{''.join(sections)}</body></html>")
+        sections.append(
+            f"<h2>{html.escape(name)}</h2><p>{html.escape(Path(table_path).name)}: {note}</p>"
+            f"<div class='scroll'>{shown.to_html(index=False, na_rep='', float_format=lambda v: f'{v:.4g}')}</div>"
+        )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lungreg tables</title>"
+        f"<style>{TABLE_STYLE}</style></head><body>{''.join(sections)}</body></html>"
+    )
     io.write_text(page, path)

@@ -49,14 +49,17 @@ class PreprocessSettings:
         except (TypeError, ValueError):
             raise ValueError("preprocess.intensity_range must be [low, high] and grid_shape [z, y, x]") from None
         if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"preprocess.intensity_range must be [low, high] with low < high, got {self.intensity_range}")
+            raise ValueError(
+                f"preprocess.intensity_range must be [low, high] with low < high, got {self.intensity_range}"
+            )
         if not (math.isfinite(float(self.factor)) and float(self.factor) > 0):
             raise ValueError(f"preprocess.factor must be a positive number, got {self.factor}")
         if len(shape) != 3 or min(shape) < 1 or list(shape) != [float(v) for v in self.grid_shape]:
             raise ValueError(f"preprocess.grid_shape must be three positive integers (z, y, x), got {self.grid_shape}")
         if self.mask_interpolation not in MASK_INTERPOLATIONS:
-            raise ValueError(f"preprocess.mask_interpolation must be one of {MASK_INTERPOLATIONS}, "
-                             f"got {self.mask_interpolation!r}")
+            raise ValueError(
+                f"preprocess.mask_interpolation must be one of {MASK_INTERPOLATIONS}, got {self.mask_interpolation!r}"
+            )
         if self.reference_phase not in REFERENCE_PHASES:
             raise ValueError(f"reference phase must be one of {REFERENCE_PHASES}, got {self.reference_phase!r}")
         object.__setattr__(self, "intensity_range", (low, high))
@@ -80,8 +83,10 @@ class PreprocessSummary:
     def line(self) -> str:
         shape = " x ".join(str(s) for s in self.grid.shape)
         spacing = " x ".join(f"{s:.4g}" for s in self.grid.spacing)
-        return (f"subject {self.subject}: common grid {shape} (z, y, x) voxels of {spacing} mm; "
-                f"{self.in_view} of {self.landmarks} landmark pairs in view, {self.excluded} excluded")
+        return (
+            f"subject {self.subject}: common grid {shape} (z, y, x) voxels of {spacing} mm; "
+            f"{self.in_view} of {self.landmarks} landmark pairs in view, {self.excluded} excluded"
+        )
 
 
 # ------------------------------------------------------------------------ intensities
@@ -98,8 +103,8 @@ def clip_and_scale(image: sitk.Image, low: float, high: float) -> sitk.Image:
     out = np.empty(array.shape, np.float32)
     step = max(1, (1 << 22) // max(1, int(np.prod(array.shape[1:]))))
     for start in range(0, array.shape[0], step):
-        slab = np.clip(array[start:start + step].astype(np.float64), low, high)
-        out[start:start + step] = (slab - low) / (high - low)
+        slab = np.clip(array[start : start + step].astype(np.float64), low, high)
+        out[start : start + step] = (slab - low) / (high - low)
     result = sitk.GetImageFromArray(out)
     result.CopyInformation(image)
     return result
@@ -110,8 +115,9 @@ def clip_and_scale(image: sitk.Image, low: float, high: float) -> sitk.Image:
 
 def subject_grid(grids: Mapping[str, Grid], settings: PreprocessSettings) -> Grid:
     """The grid both phases are resampled onto (see `geometry.common_grid`)."""
-    return common_grid([grids[p] for p in PHASES], grids[settings.reference_phase], settings.factor,
-                       settings.grid_shape)
+    return common_grid(
+        [grids[p] for p in PHASES], grids[settings.reference_phase], settings.factor, settings.grid_shape
+    )
 
 
 def covering_shape(grids: list[Grid], reference: Grid, factor: float) -> tuple[int, int, int]:
@@ -138,16 +144,18 @@ def resample_mask(mask: sitk.Image, grid: Grid, interpolation: str = "nearest") 
     raise ValueError(f"mask interpolation must be one of {MASK_INTERPOLATIONS}, got {interpolation!r}")
 
 
-def onto_common_grid(images: Mapping[str, sitk.Image], masks: Mapping[str, sitk.Image | None],
-                     settings: PreprocessSettings) -> tuple[Grid, dict[str, sitk.Image], dict[str, sitk.Image | None]]:
+def onto_common_grid(
+    images: Mapping[str, sitk.Image], masks: Mapping[str, sitk.Image | None], settings: PreprocessSettings
+) -> tuple[Grid, dict[str, sitk.Image], dict[str, sitk.Image | None]]:
     """Both phases (`images`, `masks` by phase; a mask may be None) clipped and scaled, and resampled
     onto their common grid: the preprocessing of one subject, in memory. Returns the grid, the
     images and the masks."""
     grid = subject_grid({p: Grid.of(images[p]) for p in PHASES}, settings)
     low, high = settings.intensity_range
     resampled = {p: resample_image(clip_and_scale(images[p], low, high), grid) for p in PHASES}
-    resampled_masks = {p: None if masks[p] is None else resample_mask(masks[p], grid, settings.mask_interpolation)
-                       for p in PHASES}
+    resampled_masks = {
+        p: None if masks[p] is None else resample_mask(masks[p], grid, settings.mask_interpolation) for p in PHASES
+    }
     return grid, resampled, resampled_masks
 
 
@@ -207,13 +215,16 @@ def load_subject(subject: str, inputs: Mapping[str, str | os.PathLike]) -> dict[
 
 
 def _landmark_table(phase: _Phase, in_view: np.ndarray) -> str:
-    frame = pd.DataFrame({
-        "landmark": phase.names,
-        "x": phase.points[:, 0],
-        "y": phase.points[:, 1],
-        "z": phase.points[:, 2],
-        "in_view": in_view.astype(bool),
-    }, columns=["landmark", "x", "y", "z", "in_view"])
+    frame = pd.DataFrame(
+        {
+            "landmark": phase.names,
+            "x": phase.points[:, 0],
+            "y": phase.points[:, 1],
+            "z": phase.points[:, 2],
+            "in_view": in_view.astype(bool),
+        },
+        columns=["landmark", "x", "y", "z", "in_view"],
+    )
     return frame.to_csv(index=False, lineterminator="\n")  # floats as repr: exact round trip
 
 
@@ -221,13 +232,18 @@ def _warn_cropped(subject: str, phases: Mapping[str, _Phase], grid: Grid) -> dic
     lost = {p: mask_fraction_outside(phases[p].mask, grid) for p in PHASES}
     for phase, fraction in lost.items():
         if fraction > 0:
-            log.warning("subject %s: the common grid crops %.1f%% of the %s lung mask; enlarge "
-                        "preprocess.grid_shape", subject, 100 * fraction, phase)
+            log.warning(
+                "subject %s: the common grid crops %.1f%% of the %s lung mask; enlarge preprocess.grid_shape",
+                subject,
+                100 * fraction,
+                phase,
+            )
     return lost
 
 
-def preprocess_subject(subject: str, inputs: Mapping[str, str | os.PathLike], settings: PreprocessSettings,
-                       out_dir: str | os.PathLike) -> PreprocessSummary:
+def preprocess_subject(
+    subject: str, inputs: Mapping[str, str | os.PathLike], settings: PreprocessSettings, out_dir: str | os.PathLike
+) -> PreprocessSummary:
     """Both phases of one subject onto one common grid; writes images, masks and landmarks.
 
     `inputs`: paths `inhale`, `exhale`, `inhale_mask`, `exhale_mask` and optionally
@@ -236,8 +252,9 @@ def preprocess_subject(subject: str, inputs: Mapping[str, str | os.PathLike], se
     into `out_dir`, each atomically, and only after every input was read and checked.
     """
     phases = load_subject(subject, inputs)
-    grid, images, masks = onto_common_grid({p: phases[p].image for p in PHASES}, {p: phases[p].mask for p in PHASES},
-                                           settings)
+    grid, images, masks = onto_common_grid(
+        {p: phases[p].image for p in PHASES}, {p: phases[p].mask for p in PHASES}, settings
+    )
     lost = _warn_cropped(subject, phases, grid)
     points = {p: phases[p].points for p in PHASES}
     in_view = manifest.landmarks_in_view(points, {p: Grid.of(phases[p].image) for p in PHASES})

@@ -124,8 +124,13 @@ class Pair:
         return self.moving_subject == self.fixed_subject
 
     def as_row(self) -> dict[str, str]:
-        return {"pair": self.name, "moving_subject": self.moving_subject, "moving_phase": self.moving_phase,
-                "fixed_subject": self.fixed_subject, "fixed_phase": self.fixed_phase}
+        return {
+            "pair": self.name,
+            "moving_subject": self.moving_subject,
+            "moving_phase": self.moving_phase,
+            "fixed_subject": self.fixed_subject,
+            "fixed_phase": self.fixed_phase,
+        }
 
 
 def evaluation_subjects(cohort: pd.DataFrame) -> list[str]:
@@ -228,6 +233,8 @@ def feasibility(cohort: pd.DataFrame, n_folds: int) -> str | None:
     if min(n_healthy, n_ild) < 2:
         return f"{n_healthy} healthy and {n_ild} ILD subjects labelled; at least 2 of each are needed"
     if max(n_healthy, n_ild) < n_folds:
-        return (f"{n_healthy} healthy and {n_ild} ILD subjects are too few for {n_folds} folds "
-                f"(the larger class needs at least {n_folds})")
+        return (
+            f"{n_healthy} healthy and {n_ild} ILD subjects are too few for {n_folds} folds "
+            f"(the larger class needs at least {n_folds})"
+        )
     return None

@@ -27,17 +27,29 @@ def table1_dice(pairs: pd.DataFrame, evaluated_on: str) -> pd.DataFrame:
         for protocol in PROTOCOLS:
             dice = group.loc[group["protocol"] == protocol, "dice"] * 100
             if protocol == "inhale_exhale" or len(dice):
-                row |= {f"{protocol}_dice_mean": dice.mean(), f"{protocol}_dice_std": dice.std(ddof=1),
-                        f"{protocol}_pairs": len(dice)}
-        row |= {"evaluated_on": evaluated_on, "seconds_per_pair": group["seconds"].mean(),
-                "device": ",".join(sorted(group["device"].astype(str).unique())),
-                "threads": ",".join(sorted(group["threads"].astype(str).unique()))}
+                row |= {
+                    f"{protocol}_dice_mean": dice.mean(),
+                    f"{protocol}_dice_std": dice.std(ddof=1),
+                    f"{protocol}_pairs": len(dice),
+                }
+        row |= {
+            "evaluated_on": evaluated_on,
+            "seconds_per_pair": group["seconds"].mean(),
+            "device": ",".join(sorted(group["device"].astype(str).unique())),
+            "threads": ",".join(sorted(group["threads"].astype(str).unique())),
+        }
         rows.append(row)
     return _method_order(pd.DataFrame(rows))
 
 
-TABLE2_COLUMNS = ["method", "name", *(f"{a}_{s}" for a in ("dx", "dy", "dz", "ds") for s in ("mean", "std")),
-                  "pairs", "landmarks_scored", "landmarks_excluded"]
+TABLE2_COLUMNS = [
+    "method",
+    "name",
+    *(f"{a}_{s}" for a in ("dx", "dy", "dz", "ds") for s in ("mean", "std")),
+    "pairs",
+    "landmarks_scored",
+    "landmarks_excluded",
+]
 
 
 def table2_landmarks(landmarks: pd.DataFrame) -> pd.DataFrame:
@@ -48,8 +60,11 @@ def table2_landmarks(landmarks: pd.DataFrame) -> pd.DataFrame:
         row = {"method": method, "name": method_label(method)}
         for axis in ("dx", "dy", "dz", "ds"):
             row |= {f"{axis}_mean": scored[axis].mean(), f"{axis}_std": scored[axis].std(ddof=1)}
-        row |= {"pairs": group["pair"].nunique(), "landmarks_scored": len(scored),
-                "landmarks_excluded": len(group) - len(scored)}
+        row |= {
+            "pairs": group["pair"].nunique(),
+            "landmarks_scored": len(scored),
+            "landmarks_excluded": len(group) - len(scored),
+        }
         rows.append(row)
     return _method_order(pd.DataFrame(rows, columns=TABLE2_COLUMNS))
 
@@ -74,9 +89,16 @@ def endpoint_table(pairs: pd.DataFrame) -> pd.DataFrame:
     if "epe_mean" not in pairs or pairs["epe_mean"].isna().all():
         return pd.DataFrame(columns=["method", "name", "pairs", "epe_mean", "epe_mean_std", "epe_p95_mean"])
     known = pairs.dropna(subset=["epe_mean"])
-    table = known.groupby("method", sort=False).agg(
-        pairs=("epe_mean", "size"), epe_mean=("epe_mean", "mean"), epe_mean_std=("epe_mean", "std"),
-        epe_p95_mean=("epe_p95", "mean")).reset_index()
+    table = (
+        known.groupby("method", sort=False)
+        .agg(
+            pairs=("epe_mean", "size"),
+            epe_mean=("epe_mean", "mean"),
+            epe_mean_std=("epe_mean", "std"),
+            epe_p95_mean=("epe_p95", "mean"),
+        )
+        .reset_index()
+    )
     table.insert(1, "name", table["method"].map(method_label))
     return _method_order(table)
 
@@ -88,11 +110,16 @@ def summary_tables(pairs: pd.DataFrame, landmarks: pd.DataFrame, cohort: pd.Data
     split); the per-pair tables keep every pair with its split.
     """
     evaluation = set(evaluation_subjects(cohort))
-    evaluated_on = ("all subjects, also used for training (cohort too small to split)" if too_small_to_split(cohort)
-                    else "validation subjects")
+    evaluated_on = (
+        "all subjects, also used for training (cohort too small to split)"
+        if too_small_to_split(cohort)
+        else "validation subjects"
+    )
     scored = pairs[pairs["moving_subject"].isin(evaluation) & pairs["fixed_subject"].isin(evaluation)]
-    scored_landmarks = landmarks[landmarks["pair"].isin(scored.loc[scored["protocol"] == "inhale_exhale", "pair"])
-                                 & (landmarks["protocol"] == "inhale_exhale")]
+    scored_landmarks = landmarks[
+        landmarks["pair"].isin(scored.loc[scored["protocol"] == "inhale_exhale", "pair"])
+        & (landmarks["protocol"] == "inhale_exhale")
+    ]
     return {
         "table1_dice": table1_dice(scored, evaluated_on),
         "table2_landmarks": table2_landmarks(scored_landmarks),
@@ -106,17 +133,19 @@ def write_tables(tables: dict[str, pd.DataFrame], folder: str | Path) -> None:
         io.write_table(frame, Path(folder) / f"{name}.tsv")
 
 
-def build_tables(cohort_path: str | Path, metrics_paths: list[str], landmark_paths: list[str],
-                 outputs: dict[str, str]) -> dict[str, pd.DataFrame]:
+def build_tables(
+    cohort_path: str | Path, metrics_paths: list[str], landmark_paths: list[str], outputs: dict[str, str]
+) -> dict[str, pd.DataFrame]:
     """The tables job: concatenate the chunks' rows and write every table."""
     cohort = io.read_table(cohort_path)
     pairs = pd.concat([io.read_table(p) for p in metrics_paths], ignore_index=True)
     landmark_frames = [frame for frame in (io.read_table(p) for p in landmark_paths) if len(frame)]
-    landmarks = pd.concat(landmark_frames, ignore_index=True) if landmark_frames else pd.DataFrame(columns=LANDMARK_COLUMNS)
+    landmarks = (
+        pd.concat(landmark_frames, ignore_index=True) if landmark_frames else pd.DataFrame(columns=LANDMARK_COLUMNS)
+    )
     split = cohort.set_index("subject")["split"]
     pairs.insert(pairs.columns.get_loc("fixed_phase") + 1, "fixed_split", pairs["fixed_subject"].map(split))
     tables = {"pairs": pairs, "landmarks": landmarks, **summary_tables(pairs, landmarks, cohort)}
     for name, path in outputs.items():
         io.write_table(tables[name], path)
     return tables
-

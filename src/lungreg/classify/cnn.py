@@ -54,9 +54,14 @@ class ShallowCNN(nn.Module):
         pool = int(settings.pool)
         self.features = nn.Sequential(
             nn.AvgPool3d(pool, ceil_mode=True) if pool > 1 else nn.Identity(),
-            nn.Conv3d(in_channels, w, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool3d(2, ceil_mode=True),
-            nn.Conv3d(w, 2 * w, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool3d(2, ceil_mode=True),
-            nn.Conv3d(2 * w, 2 * w, 3, padding=1), nn.LeakyReLU(0.1),
+            nn.Conv3d(in_channels, w, 3, padding=1),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool3d(2, ceil_mode=True),
+            nn.Conv3d(w, 2 * w, 3, padding=1),
+            nn.LeakyReLU(0.1),
+            nn.MaxPool3d(2, ceil_mode=True),
+            nn.Conv3d(2 * w, 2 * w, 3, padding=1),
+            nn.LeakyReLU(0.1),
             nn.AdaptiveAvgPool3d(int(settings.spatial)),
         )
         cells = int(settings.spatial) ** 3
@@ -93,8 +98,9 @@ def prepare_cnn_input(fields: np.ndarray, masks: np.ndarray, settings: CnnSettin
     return center_fields(fields, masks) if settings.center else np.asarray(fields, np.float32)
 
 
-def train_cnn(x_train: np.ndarray, y_train: np.ndarray, settings: CnnSettings, seed: int,
-              device: str | None = None) -> tuple[dict, pd.DataFrame]:
+def train_cnn(
+    x_train: np.ndarray, y_train: np.ndarray, settings: CnnSettings, seed: int, device: str | None = None
+) -> tuple[dict, pd.DataFrame]:
     """Train the shallow CNN on the training fold; returns (checkpoint, history).
 
     x_train: (n, 3, z, y, x) fields (after ``prepare_cnn_input``); y_train: 1 = ILD, 0 = healthy.
@@ -137,11 +143,23 @@ def train_cnn(x_train: np.ndarray, y_train: np.ndarray, settings: CnnSettings, s
             total += float(loss.detach()) * len(batch)
         history.append({"epoch": epoch, "train_loss": total / len(y), "learning_rate": optimiser.param_groups[0]["lr"]})
         scheduler.step()
-    log.info("CNN trained on %d subjects (%d ILD) for %d epochs on %s in %.1f s; final loss %.4f",
-             len(y), int(n_pos), settings.epochs, target, time.perf_counter() - began, history[-1]["train_loss"])
+    log.info(
+        "CNN trained on %d subjects (%d ILD) for %d epochs on %s in %.1f s; final loss %.4f",
+        len(y),
+        int(n_pos),
+        settings.epochs,
+        target,
+        time.perf_counter() - began,
+        history[-1]["train_loss"],
+    )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    checkpoint = {"state_dict": state, "settings": dataclasses.asdict(settings), "scaler": scaler.scale,
-                  "in_channels": int(x.shape[1]), "pos_weight": float(pos_weight)}
+    checkpoint = {
+        "state_dict": state,
+        "settings": dataclasses.asdict(settings),
+        "scaler": scaler.scale,
+        "in_channels": int(x.shape[1]),
+        "pos_weight": float(pos_weight),
+    }
     return checkpoint, pd.DataFrame(history)
 
 
@@ -156,4 +174,3 @@ def predict_cnn(checkpoint: dict, x: np.ndarray, device: str | None = None) -> n
     with torch.no_grad():
         out = [torch.sigmoid(model(inputs[i : i + 8].to(target))).cpu() for i in range(0, len(inputs), 8)]
     return torch.cat(out).numpy().astype(float) if out else np.zeros(0)
-

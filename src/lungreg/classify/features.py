@@ -56,8 +56,13 @@ def lung_regions(mask: np.ndarray, grid: Grid) -> dict[str, np.ndarray]:
     height = (z - z.min()) / max(float(z.max() - z.min()), 1e-6)
     depth = ndimage.distance_transform_edt(lung, sampling=grid.spacing[::-1])[lung]
     peripheral = depth <= np.median(depth)
-    selections = {"apical": height > 2 / 3, "middle": (height >= 1 / 3) & (height <= 2 / 3),
-                  "basal": height < 1 / 3, "central": ~peripheral, "peripheral": peripheral}
+    selections = {
+        "apical": height > 2 / 3,
+        "middle": (height >= 1 / 3) & (height <= 2 / 3),
+        "basal": height < 1 / 3,
+        "central": ~peripheral,
+        "peripheral": peripheral,
+    }
     regions = {}
     for name, chosen in selections.items():
         region = np.zeros_like(lung)
@@ -114,8 +119,13 @@ def center_fields(fields: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.where(outside_zero & ~lung, 0, centered).astype(np.float32)
 
 
-def build_features(field_paths: Mapping[str, str], mask_paths: Mapping[str, str], masked: bool,
-                   fields_out: str | Path, table_out: str | Path) -> pd.DataFrame:
+def build_features(
+    field_paths: Mapping[str, str],
+    mask_paths: Mapping[str, str],
+    masked: bool,
+    fields_out: str | Path,
+    table_out: str | Path,
+) -> pd.DataFrame:
     """The features job: every subject's CNN input (``fields_out``) and regional statistics.
 
     `field_paths` / `mask_paths`: subject -> displacement field / fixed lung mask.  The masks
@@ -131,21 +141,36 @@ def build_features(field_paths: Mapping[str, str], mask_paths: Mapping[str, str]
         if first_grid is None:
             first_grid = grid
         elif grid.shape != first_grid.shape:
-            raise ValueError(f"subject {subject}: field shape {grid.shape} differs from {first_grid.shape}; "
-                             "the classifier needs one common grid")
+            raise ValueError(
+                f"subject {subject}: field shape {grid.shape} differs from {first_grid.shape}; "
+                "the classifier needs one common grid"
+            )
         mask = read_mask(mask_paths[subject], grid)
         rows.append({"subject": subject, **regional_features(displacement, mask, grid)})
         arrays.append(cnn_input(displacement, mask if masked else None))
         masks.append(mask)
     if not subjects:
         raise ValueError("no subject to gather features of")
-    torch_io.save_torch({"subjects": subjects, "fields": torch.from_numpy(np.stack(arrays)),
-                   "masks": torch.from_numpy(np.stack(masks)), "masked": bool(masked), "components": COMPONENTS,
-                   "spacing": first_grid.spacing}, fields_out)
+    torch_io.save_torch(
+        {
+            "subjects": subjects,
+            "fields": torch.from_numpy(np.stack(arrays)),
+            "masks": torch.from_numpy(np.stack(masks)),
+            "masked": bool(masked),
+            "components": COMPONENTS,
+            "spacing": first_grid.spacing,
+        },
+        fields_out,
+    )
     table = pd.DataFrame(rows)
     io.write_table(table, table_out)
-    log.info("features of %d subjects (%s, masked=%s) in %.1f s", len(subjects), "x".join(map(str, first_grid.shape)),
-             masked, time.perf_counter() - began)
+    log.info(
+        "features of %d subjects (%s, masked=%s) in %.1f s",
+        len(subjects),
+        "x".join(map(str, first_grid.shape)),
+        masked,
+        time.perf_counter() - began,
+    )
     return table
 
 
@@ -161,4 +186,3 @@ def read_fields(path: str | Path) -> dict:
     if not isinstance(data, dict) or not {"subjects", "fields", "masks"} <= set(data):
         raise io.CorruptFileError(path, "not a fields file of the classify_features rule")
     return data
-

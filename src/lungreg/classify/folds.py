@@ -41,8 +41,13 @@ def make_folds(cohort: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
 def write_folds(cohort: pd.DataFrame, n_folds: int, seed: int, path: str | Path) -> pd.DataFrame:
     folds = make_folds(cohort, n_folds, seed)
     io.write_table(folds, path)
-    log.info("%d folds of %d subjects (%s); seed %d", n_folds, len(folds),
-             ", ".join(f"{k}: {v}" for k, v in folds["label"].value_counts().items()), seed)
+    log.info(
+        "%d folds of %d subjects (%s); seed %d",
+        n_folds,
+        len(folds),
+        ", ".join(f"{k}: {v}" for k, v in folds["label"].value_counts().items()),
+        seed,
+    )
     return folds
 
 
@@ -65,13 +70,18 @@ def encode(labels: Sequence[str]) -> np.ndarray:
 
 def predictions_frame(subjects: pd.DataFrame, fold: int, probability: np.ndarray) -> pd.DataFrame:
     probability = np.asarray(probability, float)
-    return pd.DataFrame({"subject": subjects["subject"].to_numpy(), "label": subjects["label"].to_numpy(),
-                         "fold": int(fold), "probability": probability,
-                         "predicted": np.where(probability >= 0.5, POSITIVE, NEGATIVE)})[PREDICTION_COLUMNS]
+    return pd.DataFrame(
+        {
+            "subject": subjects["subject"].to_numpy(),
+            "label": subjects["label"].to_numpy(),
+            "fold": int(fold),
+            "probability": probability,
+            "predicted": np.where(probability >= 0.5, POSITIVE, NEGATIVE),
+        }
+    )[PREDICTION_COLUMNS]
 
 
 def split_fold(folds: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     if fold not in set(folds["fold"]):
         raise ValueError(f"fold {fold} is not in the fold table (folds {sorted(set(folds['fold']))})")
     return folds[folds["fold"] != fold].reset_index(drop=True), folds[folds["fold"] == fold].reset_index(drop=True)
-

@@ -18,14 +18,27 @@ from .folds import PREDICTION_COLUMNS, encode
 
 log = logging.getLogger(__name__)
 
-SUMMARY_COLUMNS = ["classifier", "fold", "n_subjects", "accuracy", "balanced_accuracy", "auc",
-                   "sensitivity", "specificity", "tn", "fp", "fn", "tp"]
+SUMMARY_COLUMNS = [
+    "classifier",
+    "fold",
+    "n_subjects",
+    "accuracy",
+    "balanced_accuracy",
+    "auc",
+    "sensitivity",
+    "specificity",
+    "tn",
+    "fp",
+    "fn",
+    "tp",
+]
 METRICS = ["accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"]
 COUNTS = ["tn", "fp", "fn", "tp"]
 
 
-def classification_metrics(labels: Sequence[str], probability: Sequence[float],
-                           predicted: Sequence[str]) -> dict[str, float]:
+def classification_metrics(
+    labels: Sequence[str], probability: Sequence[float], predicted: Sequence[str]
+) -> dict[str, float]:
     """accuracy, balanced_accuracy, auc, sensitivity, specificity, tn, fp, fn, tp (ILD positive).
 
     All from scikit-learn: accuracy_score, balanced_accuracy_score, roc_auc_score (NaN when only
@@ -44,7 +57,10 @@ def classification_metrics(labels: Sequence[str], probability: Sequence[float],
             "auc": float(metrics.roc_auc_score(y, p)) if both else np.nan,
             "sensitivity": float(metrics.recall_score(y, yhat, pos_label=1, zero_division=np.nan)),
             "specificity": float(metrics.recall_score(y, yhat, pos_label=0, zero_division=np.nan)),
-            "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
+            "tn": int(tn),
+            "fp": int(fp),
+            "fn": int(fn),
+            "tp": int(tp),
         }
 
 
@@ -67,16 +83,32 @@ def summary_table(predictions: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     for classifier, frame in predictions.items():
         per_fold = []
         for fold, part in frame.groupby("fold", sort=True):
-            row = {"classifier": classifier, "fold": str(int(fold)), "n_subjects": len(part),
-                   **classification_metrics(part["label"], part["probability"], part["predicted"])}
+            row = {
+                "classifier": classifier,
+                "fold": str(int(fold)),
+                "n_subjects": len(part),
+                **classification_metrics(part["label"], part["probability"], part["predicted"]),
+            }
             per_fold.append(row)
         folds = pd.DataFrame(per_fold)
-        mean = {"classifier": classifier, "fold": "mean", "n_subjects": folds["n_subjects"].mean(),
-                **folds[METRICS].mean().to_dict()}
-        std = {"classifier": classifier, "fold": "std", "n_subjects": folds["n_subjects"].std(),
-               **folds[METRICS].std().to_dict()}
-        pooled = {"classifier": classifier, "fold": "pooled", "n_subjects": len(frame),
-                  **classification_metrics(frame["label"], frame["probability"], frame["predicted"])}
+        mean = {
+            "classifier": classifier,
+            "fold": "mean",
+            "n_subjects": folds["n_subjects"].mean(),
+            **folds[METRICS].mean().to_dict(),
+        }
+        std = {
+            "classifier": classifier,
+            "fold": "std",
+            "n_subjects": folds["n_subjects"].std(),
+            **folds[METRICS].std().to_dict(),
+        }
+        pooled = {
+            "classifier": classifier,
+            "fold": "pooled",
+            "n_subjects": len(frame),
+            **classification_metrics(frame["label"], frame["probability"], frame["predicted"]),
+        }
         rows += per_fold + [mean, std, pooled]
     table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     return table.astype({c: "Int64" for c in COUNTS})
@@ -105,14 +137,23 @@ def roc_figure(predictions: Mapping[str, pd.DataFrame], path: str | Path) -> Non
         fpr, tpr, _ = roc_curve(y, frame["probability"])
         axis.plot(fpr, tpr, label=f"{classifier} (AUC {roc_auc_score(y, frame['probability']):.2f})")
     axis.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8, label="chance")
-    axis.set(xlabel="1 - specificity", ylabel="sensitivity (ILD)", xlim=(0, 1), ylim=(0, 1.02),
-             title="ILD classification, out-of-fold")
+    axis.set(
+        xlabel="1 - specificity",
+        ylabel="sensitivity (ILD)",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title="ILD classification, out-of-fold",
+    )
     axis.legend(loc="lower right", fontsize=8)
     save_figure(figure, path)
 
 
-def summarize(prediction_paths: Mapping[str, Sequence[str | Path]], table_out: str | Path,
-              pooled_out: str | Path, roc_out: str | Path) -> pd.DataFrame:
+def summarize(
+    prediction_paths: Mapping[str, Sequence[str | Path]],
+    table_out: str | Path,
+    pooled_out: str | Path,
+    roc_out: str | Path,
+) -> pd.DataFrame:
     """The summary job: the classification table, all predictions in one file, the ROC figure."""
     predictions = {c: read_predictions(paths) for c, paths in prediction_paths.items()}
     table = summary_table(predictions)
@@ -121,6 +162,12 @@ def summarize(prediction_paths: Mapping[str, Sequence[str | Path]], table_out: s
     io.write_table(pooled[["classifier", *PREDICTION_COLUMNS]], pooled_out)
     roc_figure(predictions, roc_out)
     for row in table[table["fold"].isin(["mean", "pooled"])].itertuples():
-        log.info("%s %s: accuracy %.3f, balanced accuracy %.3f, AUC %.3f", row.classifier, row.fold,
-                 row.accuracy, row.balanced_accuracy, row.auc)
+        log.info(
+            "%s %s: accuracy %.3f, balanced accuracy %.3f, AUC %.3f",
+            row.classifier,
+            row.fold,
+            row.accuracy,
+            row.balanced_accuracy,
+            row.auc,
+        )
     return table

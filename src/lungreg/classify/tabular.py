@@ -27,14 +27,28 @@ def sklearn_classifier(name: str, options: Mapping[str, Any] | None, seed: int):
         estimator = LogisticRegression(**{"C": 1.0, "max_iter": 5000, "class_weight": weight, **options})
         return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), estimator)
     if name == "random_forest":
-        estimator = RandomForestClassifier(**{"n_estimators": 300, "min_samples_leaf": 2, "class_weight": weight,
-                                              "random_state": int(seed), "n_jobs": 1, **options})
+        estimator = RandomForestClassifier(
+            **{
+                "n_estimators": 300,
+                "min_samples_leaf": 2,
+                "class_weight": weight,
+                "random_state": int(seed),
+                "n_jobs": 1,
+                **options,
+            }
+        )
         return make_pipeline(SimpleImputer(strategy="median"), estimator)
     raise ValueError(f"unknown scikit-learn classifier {name!r}; expected one of {REGIONAL_CLASSIFIERS}")
 
 
-def fit_predict_sklearn(name: str, options: Mapping[str, Any] | None, seed: int, x_train: np.ndarray,
-                        y_train: np.ndarray, x_test: np.ndarray):
+def fit_predict_sklearn(
+    name: str,
+    options: Mapping[str, Any] | None,
+    seed: int,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+):
     """Fit on the training fold only; P(ILD) of the test fold and the fitted pipeline."""
     model = sklearn_classifier(name, options, seed)
     model.fit(x_train, y_train)

@@ -28,9 +28,11 @@ def mse(fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None =
     return _weighted_mean((fixed - warped) ** 2, weight)
 
 
-def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None,
-              window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+def local_ncc(
+    fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None, window: int = 9, eps: float = 1e-5
+) -> torch.Tensor:
     """1 - mean local normalised cross-correlation over cubic windows of `window` voxels."""
+
     def box(x: torch.Tensor) -> torch.Tensor:
         return F.avg_pool3d(x, window, stride=1, padding=window // 2, count_include_pad=False)
 
@@ -42,8 +44,13 @@ def local_ncc(fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | 
     return 1.0 - _weighted_mean(ncc, weight)
 
 
-def mutual_information(fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None,
-                       bins: int = 32, sigma: float | None = None) -> torch.Tensor:
+def mutual_information(
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bins: int = 32,
+    sigma: float | None = None,
+) -> torch.Tensor:
     """Negative mutual information from a Parzen (Gaussian) joint histogram of [0, 1] intensities.
 
     Differentiable in the warped image. Each sample's histogram vote is multiplied by its
@@ -114,7 +121,9 @@ def mask_weight(mask: torch.Tensor, margin: int) -> torch.Tensor:
     return F.max_pool3d(mask.float(), 2 * margin + 1, stride=1, padding=margin)
 
 
-def registration_loss(settings: LossSettings, fixed, warped, theta, gradients, fixed_mask=None) -> dict[str, torch.Tensor]:
+def registration_loss(
+    settings: LossSettings, fixed, warped, theta, gradients, fixed_mask=None
+) -> dict[str, torch.Tensor]:
     """The paper's loss: similarity + alpha ||A - A_I||_1 + beta ||Phi - Phi_I||_1."""
     if settings.similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {settings.similarity!r}; choose from {sorted(SIMILARITIES)}")
@@ -125,5 +134,6 @@ def registration_loss(settings: LossSettings, fixed, warped, theta, gradients, f
         weight = mask_weight(fixed_mask, settings.mask_margin_voxels)
     similarity = SIMILARITIES[settings.similarity](fixed, warped, weight)
     regularizer = settings.alpha * affine_penalty(theta).to(similarity) + settings.beta * gradient_penalty(
-        gradients, settings.regularizer_reduction)
+        gradients, settings.regularizer_reduction
+    )
     return {"loss": similarity + regularizer, "similarity": similarity, "regularizer": regularizer}

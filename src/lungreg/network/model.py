@@ -82,9 +82,7 @@ class Encoder(nn.Module):
         super().__init__()
         channels = [_scaled(c, width) for c in ENCODER_CHANNELS]
         inputs = [2] + channels[:-1]
-        self.layers = nn.ModuleList(
-            conv_block(i, o, d) for i, o, d in zip(inputs, channels, ENCODER_DILATIONS)
-        )
+        self.layers = nn.ModuleList(conv_block(i, o, d) for i, o, d in zip(inputs, channels, ENCODER_DILATIONS))
         self.out_channels = 2 + sum(channels)
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
@@ -171,9 +169,7 @@ class DeformableBranch(nn.Module):
             )
             in_channels = settings.feature_reduction
         channels = [_scaled(c, settings.width) for c in DEFORMABLE_CHANNELS]
-        self.convs = nn.Sequential(
-            *(conv_block(i, o) for i, o in zip([in_channels] + channels[:-1], channels))
-        )
+        self.convs = nn.Sequential(*(conv_block(i, o) for i, o in zip([in_channels] + channels[:-1], channels)))
         self.head = nn.Conv3d(channels[-1], 3, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)

@@ -98,10 +98,7 @@ class PairSet:
                 cache[path] = load_volume(path)
             return cache[path]
 
-        self.tensors = [
-            torch.stack([volume(getattr(p, field.name)) for p in pairs])
-            for field in fields(PairFiles)
-        ]
+        self.tensors = [torch.stack([volume(getattr(p, field.name)) for p in pairs]) for field in fields(PairFiles)]
 
     def __len__(self) -> int:
         return self.tensors[0].shape[0]
@@ -138,14 +135,20 @@ def validate(model: RegistrationNet, data: PairSet, loss_settings: LossSettings,
         index = torch.arange(start, min(start + batch_size, len(data)))
         moving, fixed, moving_mask, fixed_mask = data.batch(index, device)
         out = model(moving, fixed)
-        losses.append(float(registration_loss(loss_settings, fixed, out.warped, out.theta, out.gradients, fixed_mask)["loss"]) * len(index))
+        losses.append(
+            float(registration_loss(loss_settings, fixed, out.warped, out.theta, out.gradients, fixed_mask)["loss"])
+            * len(index)
+        )
         warped_mask = warp(moving_mask, out.grid) > 0.5
         for k in range(len(index)):
             dices.append(dice(warped_mask[k].cpu().numpy(), fixed_mask[k].cpu().numpy() > 0.5))
             unregistered.append(dice(moving_mask[k].cpu().numpy() > 0.5, fixed_mask[k].cpu().numpy() > 0.5))
     model.train()
-    return {"val_loss": sum(losses) / len(data), "val_dice": float(np.nanmean(dices)),
-            "val_dice_unregistered": float(np.nanmean(unregistered))}
+    return {
+        "val_loss": sum(losses) / len(data),
+        "val_dice": float(np.nanmean(dices)),
+        "val_dice_unregistered": float(np.nanmean(unregistered)),
+    }
 
 
 @dataclass
@@ -181,8 +184,17 @@ def _set_rng_states(states: dict) -> None:
 
 
 def _save_checkpoint(path, model, optimizer, scheduler, state: TrainingState, key: str) -> None:
-    torch_io.save_torch({"fingerprint": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "state": asdict(state), "rng": _rng_states()}, path)
+    torch_io.save_torch(
+        {
+            "fingerprint": key,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": asdict(state),
+            "rng": _rng_states(),
+        },
+        path,
+    )
 
 
 def _resume(path: Path | None, key: str, model, optimizer, scheduler) -> TrainingState:
@@ -191,8 +203,9 @@ def _resume(path: Path | None, key: str, model, optimizer, scheduler) -> Trainin
     try:
         checkpoint = torch_io.load_torch(path)
     except io.CorruptFileError as error:  # not an output: snakemake --forcerun would read it again
-        raise io.CorruptFileError(path, error.reason, "it is the resume point of an interrupted training; "
-                                  "delete it to train from epoch 1") from None
+        raise io.CorruptFileError(
+            path, error.reason, "it is the resume point of an interrupted training; delete it to train from epoch 1"
+        ) from None
     if checkpoint.get("fingerprint") != key:
         log.warning("checkpoint %s belongs to other settings or data; starting over", path)
         return TrainingState()
@@ -206,9 +219,15 @@ def _resume(path: Path | None, key: str, model, optimizer, scheduler) -> Trainin
     return state
 
 
-def train(train_pairs: list[PairFiles], val_pairs: list[PairFiles], model_settings: ModelSettings,
-          loss_settings: LossSettings, settings: TrainSettings, checkpoint_path: str | Path | None = None,
-          extra: dict | None = None) -> tuple[dict, pd.DataFrame]:
+def train(
+    train_pairs: list[PairFiles],
+    val_pairs: list[PairFiles],
+    model_settings: ModelSettings,
+    loss_settings: LossSettings,
+    settings: TrainSettings,
+    checkpoint_path: str | Path | None = None,
+    extra: dict | None = None,
+) -> tuple[dict, pd.DataFrame]:
     """Train and return (the best model's checkpoint dictionary, the per-epoch log).
 
     `extra` is stored in the model file (preprocessing settings, so the `register` command can
@@ -221,11 +240,20 @@ def train(train_pairs: list[PairFiles], val_pairs: list[PairFiles], model_settin
     forward = acceleration.prepare(model, device)  # the compiled module, or model itself
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=settings.plateau_factor, patience=settings.plateau_patience)
-    resumable = {k: v for k, v in asdict(settings).items()
-                 if k not in ("epochs", "checkpoint_every", "device", "channels_last", "cudnn_benchmark", "compile")}
-    key = fingerprint(model_settings.as_dict(), asdict(loss_settings), resumable,
-                      [asdict(p) for p in train_pairs], [asdict(p) for p in val_pairs])
+        optimizer, mode="min", factor=settings.plateau_factor, patience=settings.plateau_patience
+    )
+    resumable = {
+        k: v
+        for k, v in asdict(settings).items()
+        if k not in ("epochs", "checkpoint_every", "device", "channels_last", "cudnn_benchmark", "compile")
+    }
+    key = fingerprint(
+        model_settings.as_dict(),
+        asdict(loss_settings),
+        resumable,
+        [asdict(p) for p in train_pairs],
+        [asdict(p) for p in val_pairs],
+    )
     state = _resume(checkpoint_path, key, model, optimizer, scheduler)
     train_data, val_data = PairSet(train_pairs), PairSet(val_pairs)
     log.info("training on %d pairs, validating on %d, device %s", len(train_data), len(val_data), device)
@@ -242,7 +270,9 @@ def train(train_pairs: list[PairFiles], val_pairs: list[PairFiles], model_settin
             moving, fixed = acceleration.inputs(moving, fixed)
             with acceleration.autocast(device):
                 out = forward(moving, fixed)
-            losses = registration_loss(loss_settings, fixed, out.warped.float(), out.theta, out.gradients.float(), fixed_mask)
+            losses = registration_loss(
+                loss_settings, fixed, out.warped.float(), out.theta, out.gradients.float(), fixed_mask
+            )
             check_finite(losses, epoch, number)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -260,36 +290,75 @@ def train(train_pairs: list[PairFiles], val_pairs: list[PairFiles], model_settin
         else:
             state.epochs_without_improvement += 1
         state.epoch = epoch
-        state.rows.append({"epoch": epoch, **{f"train_{k}": v / len(train_data) for k, v in sums.items()},
-                           **scores, "lr": optimizer.param_groups[0]["lr"], "device": device.type,
-                           "seconds": time.perf_counter() - started})
-        log.info("epoch %d: train loss %.5f, validation loss %.5f, Dice %.4f (unregistered %.4f)", epoch,
-                 state.rows[-1]["train_loss"], scores["val_loss"], scores["val_dice"], scores["val_dice_unregistered"])
+        state.rows.append(
+            {
+                "epoch": epoch,
+                **{f"train_{k}": v / len(train_data) for k, v in sums.items()},
+                **scores,
+                "lr": optimizer.param_groups[0]["lr"],
+                "device": device.type,
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        log.info(
+            "epoch %d: train loss %.5f, validation loss %.5f, Dice %.4f (unregistered %.4f)",
+            epoch,
+            state.rows[-1]["train_loss"],
+            scores["val_loss"],
+            scores["val_dice"],
+            scores["val_dice_unregistered"],
+        )
         if checkpoint_path and (epoch % settings.checkpoint_every == 0 or epoch == settings.epochs):
             _save_checkpoint(checkpoint_path, model, optimizer, scheduler, state, key)
     best = {k: v.cpu().contiguous() for k, v in (state.best_state or model.state_dict()).items()}
-    checkpoint = {"state_dict": best, "model_settings": model_settings.as_dict(), "best_epoch": state.best_epoch,
-                  "best_val_loss": state.best_loss, "fingerprint": key, **(extra or {})}
+    checkpoint = {
+        "state_dict": best,
+        "model_settings": model_settings.as_dict(),
+        "best_epoch": state.best_epoch,
+        "best_val_loss": state.best_loss,
+        "fingerprint": key,
+        **(extra or {}),
+    }
     return checkpoint, pd.DataFrame(state.rows)
 
 
 def pair_files(rows: list[dict], preprocessed: str | Path) -> list[PairFiles]:
     """PairFiles of the pairs (as `study.Pair.as_row` dictionaries) in a preprocessed folder."""
     layout = PreprocessedLayout(Path(preprocessed))
-    return [PairFiles(str(layout.image(r["moving_subject"], r["moving_phase"])),
-                      str(layout.image(r["fixed_subject"], r["fixed_phase"])),
-                      str(layout.mask(r["moving_subject"], r["moving_phase"])),
-                      str(layout.mask(r["fixed_subject"], r["fixed_phase"]))) for r in rows]
+    return [
+        PairFiles(
+            str(layout.image(r["moving_subject"], r["moving_phase"])),
+            str(layout.image(r["fixed_subject"], r["fixed_phase"])),
+            str(layout.mask(r["moving_subject"], r["moving_phase"])),
+            str(layout.mask(r["fixed_subject"], r["fixed_phase"])),
+        )
+        for r in rows
+    ]
 
 
-def run_training(train_rows: list[dict], validation_rows: list[dict], preprocessed: str | Path, model: dict,
-                 loss: dict, settings: dict, preprocess: dict, model_path: str | Path, log_path: str | Path,
-                 checkpoint_path: str | Path | None = None, curve_path: str | Path | None = None) -> pd.DataFrame:
+def run_training(
+    train_rows: list[dict],
+    validation_rows: list[dict],
+    preprocessed: str | Path,
+    model: dict,
+    loss: dict,
+    settings: dict,
+    preprocess: dict,
+    model_path: str | Path,
+    log_path: str | Path,
+    checkpoint_path: str | Path | None = None,
+    curve_path: str | Path | None = None,
+) -> pd.DataFrame:
     """The training job: train, then write the best model, the per-epoch log and its figure."""
     checkpoint, history = train(
-        pair_files(train_rows, preprocessed), pair_files(validation_rows, preprocessed),
-        ModelSettings.from_config(model), LossSettings.from_config(loss), TrainSettings.from_config(settings),
-        checkpoint_path, extra={"preprocess": preprocess})
+        pair_files(train_rows, preprocessed),
+        pair_files(validation_rows, preprocessed),
+        ModelSettings.from_config(model),
+        LossSettings.from_config(loss),
+        TrainSettings.from_config(settings),
+        checkpoint_path,
+        extra={"preprocess": preprocess},
+    )
     torch_io.save_torch(checkpoint, model_path)
     io.write_table(history, log_path)
     if curve_path:

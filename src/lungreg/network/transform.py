@@ -65,15 +65,23 @@ def deform_points(gradients: torch.Tensor, points: torch.Tensor, integration: st
     """
     displacement = axial_displacements(gradients)
     if integration == "paper":
-        sampled = F.grid_sample(displacement, points.to(displacement.dtype), mode="bilinear",
-                                padding_mode="border", align_corners=True)
+        sampled = F.grid_sample(
+            displacement, points.to(displacement.dtype), mode="bilinear", padding_mode="border", align_corners=True
+        )
         return points + sampled.permute(0, 2, 3, 4, 1)
     if integration != "sequential":
         raise ValueError(f"unknown integration {integration!r}: expected 'sequential' or 'paper'")
     for channel in range(3):
-        moved = points[..., channel] + F.grid_sample(
-            displacement[:, channel : channel + 1], points.to(displacement.dtype), mode="bilinear",
-            padding_mode="border", align_corners=True)[:, 0]
+        moved = (
+            points[..., channel]
+            + F.grid_sample(
+                displacement[:, channel : channel + 1],
+                points.to(displacement.dtype),
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=True,
+            )[:, 0]
+        )
         points = torch.cat([points[..., :channel], moved.unsqueeze(-1), points[..., channel + 1 :]], dim=-1)
     return points
 
@@ -96,8 +104,9 @@ def sampling_grid(gradients: torch.Tensor, theta: torch.Tensor | None, integrati
     return deform_points(gradients, points, integration)
 
 
-def map_normalised_points(gradients: torch.Tensor, theta: torch.Tensor | None, points: torch.Tensor,
-                          integration: str = "sequential") -> torch.Tensor:
+def map_normalised_points(
+    gradients: torch.Tensor, theta: torch.Tensor | None, points: torch.Tensor, integration: str = "sequential"
+) -> torch.Tensor:
     """The network's continuous transform at arbitrary normalised fixed points (N, K, 3).
 
     The same composition as `sampling_grid`, evaluated anywhere rather than at voxel centres
@@ -176,7 +185,9 @@ def displacement_image(displacement: np.ndarray, fixed: Grid) -> sitk.Image:
     return fixed.apply_to(image)
 
 
-def displacement_transform(displacement: np.ndarray | sitk.Image, fixed: Grid | None = None) -> sitk.DisplacementFieldTransform:
+def displacement_transform(
+    displacement: np.ndarray | sitk.Image, fixed: Grid | None = None
+) -> sitk.DisplacementFieldTransform:
     """An ITK DisplacementFieldTransform of a field given as array (with its grid) or image."""
     image = displacement if isinstance(displacement, sitk.Image) else displacement_image(displacement, fixed)
     if image.GetPixelID() != sitk.sitkVectorFloat64:

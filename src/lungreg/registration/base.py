@@ -47,7 +47,7 @@ class Registrar(Protocol):
 
 
 class IdentityRegistrar:
-    """"Unregistered": voxel p of the fixed array reads voxel p of the moving array."""
+    """ "Unregistered": voxel p of the fixed array reads voxel p of the moving array."""
 
     device, batch_size = "cpu", 1
 
@@ -56,4 +56,3 @@ class IdentityRegistrar:
 
     def register(self, batch: list[LoadedPair]) -> list[RegistrationResult]:
         return [RegistrationResult(identity_displacement(p.fixed.grid, p.moving.grid), 0.0) for p in batch]
-

@@ -27,7 +27,9 @@ from .network import NetworkRegistrar
 log = logging.getLogger(__name__)
 
 
-def register_stream(registrar: Registrar, batches: Iterable[list[LoadedPair]]) -> Iterator[tuple[list[LoadedPair], list[RegistrationResult]]]:
+def register_stream(
+    registrar: Registrar, batches: Iterable[list[LoadedPair]]
+) -> Iterator[tuple[list[LoadedPair], list[RegistrationResult]]]:
     """(batch, results) for every batch: the registrar's own pipeline when it has one."""
     if hasattr(registrar, "register_stream"):
         yield from registrar.register_stream(batches)
@@ -53,16 +55,24 @@ def write_pair_files(folder: Path, item: LoadedPair, result: RegistrationResult)
     io.write_image(field_image, folder / "displacement.nii.gz")
     warped = result.warped if result.warped is not None else warp_image(item.moving, fixed_grid, result.displacement)
     io.write_image(sitk.Cast(warped, sitk.sitkFloat32), folder / "warped.nii.gz")
-    mask = fixed_grid.apply_to(sitk.GetImageFromArray(warp_mask(item.moving, fixed_grid, result.displacement).astype(np.uint8)))
+    mask = fixed_grid.apply_to(
+        sitk.GetImageFromArray(warp_mask(item.moving, fixed_grid, result.displacement).astype(np.uint8))
+    )
     io.write_image(mask, folder / "warped_mask.nii.gz")
     if result.affine is not None:
         with io.atomic_path(folder / "affine.tfm") as tmp:
             sitk.WriteTransform(result.affine, str(tmp))
 
 
-def run_chunk(registrar: Registrar, pairs: list[Pair], layout: PreprocessedLayout, protocol: str,
-              outputs: ChunkOutputs, save_fields: str = "intra_patient",
-              truth_for: Callable[[Pair], sitk.Image | None] = lambda pair: None) -> pd.DataFrame:
+def run_chunk(
+    registrar: Registrar,
+    pairs: list[Pair],
+    layout: PreprocessedLayout,
+    protocol: str,
+    outputs: ChunkOutputs,
+    save_fields: str = "intra_patient",
+    truth_for: Callable[[Pair], sitk.Image | None] = lambda pair: None,
+) -> pd.DataFrame:
     """Register, score and write every pair of a chunk; returns the metrics rows.
 
     save_fields: "intra_patient" (default), "all" or "none": which pairs get their files.
@@ -79,29 +89,51 @@ def run_chunk(registrar: Registrar, pairs: list[Pair], layout: PreprocessedLayou
         for start in range(0, len(pairs), registrar.batch_size):
             if len(cache) > 64:  # inter-patient chunks visit many subjects: bound the memory
                 cache.clear()
-            yield [LoadedPair(p, phase(p.fixed_subject, p.fixed_phase), phase(p.moving_subject, p.moving_phase))
-                   for p in pairs[start : start + registrar.batch_size]]
+            yield [
+                LoadedPair(p, phase(p.fixed_subject, p.fixed_phase), phase(p.moving_subject, p.moving_phase))
+                for p in pairs[start : start + registrar.batch_size]
+            ]
 
     rows, landmark_tables = [], []
     for batch, results in register_stream(registrar, batches()):
         for item, result in zip(batch, results):
-            row, landmarks = evaluate_pair(item.pair, item.fixed, item.moving, result.displacement, truth_for(item.pair))
-            rows.append({"method": registrar.name, "protocol": protocol, **row, **result.notes,
-                         "seconds": result.seconds, "device": registrar.device, "threads": registrar.threads})
+            row, landmarks = evaluate_pair(
+                item.pair, item.fixed, item.moving, result.displacement, truth_for(item.pair)
+            )
+            rows.append(
+                {
+                    "method": registrar.name,
+                    "protocol": protocol,
+                    **row,
+                    **result.notes,
+                    "seconds": result.seconds,
+                    "device": registrar.device,
+                    "threads": registrar.threads,
+                }
+            )
             landmark_tables.append(landmarks.assign(method=registrar.name, protocol=protocol))
             if save_fields == "all" or (save_fields == "intra_patient" and item.pair.intra_patient):
                 write_pair_files(outputs.folder / item.pair.name, item, result)
         log.info("%s %s: %d/%d pairs registered", registrar.name, protocol, len(rows), len(pairs))
     metrics = pd.DataFrame(rows)
     scored = [t for t in landmark_tables if len(t)]
-    io.write_table(pd.concat(scored, ignore_index=True) if scored else pd.DataFrame(columns=[*LANDMARK_COLUMNS, "method", "protocol"]),
-                   outputs.landmarks)
+    io.write_table(
+        pd.concat(scored, ignore_index=True)
+        if scored
+        else pd.DataFrame(columns=[*LANDMARK_COLUMNS, "method", "protocol"]),
+        outputs.landmarks,
+    )
     io.write_table(metrics, outputs.metrics)
     return metrics
 
 
-def build_registrar(method: str, threads: int, inference: Mapping | None = None, model_path: str | None = None,
-                    baseline_options: Mapping | None = None) -> Registrar:
+def build_registrar(
+    method: str,
+    threads: int,
+    inference: Mapping | None = None,
+    model_path: str | None = None,
+    baseline_options: Mapping | None = None,
+) -> Registrar:
     """The registrar of a method name as used in the workflow's paths and tables (`study.METHODS`).
 
     `inference`: the workflow's `inference:` section (a network's device, batch size, acceleration).
@@ -110,14 +142,32 @@ def build_registrar(method: str, threads: int, inference: Mapping | None = None,
     if kind == "identity":
         return IdentityRegistrar(method, threads)
     if kind == "network":
-        return NetworkRegistrar(method, model_path, inference["device"], inference["batch_size"], threads,
-                                acceleration=Acceleration.from_config(inference), prefetch=inference["prefetch"])
+        return NetworkRegistrar(
+            method,
+            model_path,
+            inference["device"],
+            inference["batch_size"],
+            threads,
+            acceleration=Acceleration.from_config(inference),
+            prefetch=inference["prefetch"],
+        )
     return build_baseline(method, baseline_options or {}, threads)  # refuses a method it does not know
 
 
-def register_chunk_job(method: str, protocol: str, pair_rows: list[dict], preprocessed: str, truth: dict[str, str],
-                       options: Mapping, threads: int, model_path: str | None, folder: str, metrics: str,
-                       landmarks: str, baseline_options: Mapping | None = None) -> pd.DataFrame:
+def register_chunk_job(
+    method: str,
+    protocol: str,
+    pair_rows: list[dict],
+    preprocessed: str,
+    truth: dict[str, str],
+    options: Mapping,
+    threads: int,
+    model_path: str | None,
+    folder: str,
+    metrics: str,
+    landmarks: str,
+    baseline_options: Mapping | None = None,
+) -> pd.DataFrame:
     """One chunk job of the workflow: build the method's registrar and run the chunk.
 
     `options`: the workflow's `inference:` section (which pairs get their files: `save_fields`).
@@ -125,6 +175,12 @@ def register_chunk_job(method: str, protocol: str, pair_rows: list[dict], prepro
     registrar = build_registrar(method, threads, options, model_path, baseline_options)
     pairs = [Pair(r["moving_subject"], r["moving_phase"], r["fixed_subject"], r["fixed_phase"]) for r in pair_rows]
     truths = {subject: io.read_intermediate_image(path) for subject, path in truth.items()}
-    return run_chunk(registrar, pairs, PreprocessedLayout(Path(preprocessed)), protocol,
-                     ChunkOutputs(Path(folder), Path(metrics), Path(landmarks)), options["save_fields"],
-                     lambda pair: truths.get(pair.fixed_subject) if pair.intra_patient else None)
+    return run_chunk(
+        registrar,
+        pairs,
+        PreprocessedLayout(Path(preprocessed)),
+        protocol,
+        ChunkOutputs(Path(folder), Path(metrics), Path(landmarks)),
+        options["save_fields"],
+        lambda pair: truths.get(pair.fixed_subject) if pair.intra_patient else None,
+    )

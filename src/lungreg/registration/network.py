@@ -53,9 +53,17 @@ class NetworkRegistrar:
     _runner = None
     _copy_stream = None
 
-    def __init__(self, name: str, model_path: str | Path, device: str = "auto", batch_size: int = 4,
-                 threads: int = 1, bf16: bool = False, acceleration: Acceleration | None = None,
-                 prefetch: bool = True):
+    def __init__(
+        self,
+        name: str,
+        model_path: str | Path,
+        device: str = "auto",
+        batch_size: int = 4,
+        threads: int = 1,
+        bf16: bool = False,
+        acceleration: Acceleration | None = None,
+        prefetch: bool = True,
+    ):
         self.name, self.batch_size, self.threads = name, batch_size, threads
         self.torch_device = choose_device(device)
         self.device = torch.cuda.get_device_name(self.torch_device) if self.torch_device.type == "cuda" else "cpu"
@@ -120,7 +128,11 @@ class NetworkRegistrar:
             seconds = (time.perf_counter() - started) / n
             theta = None if out.theta is None else out.theta[:n]
             return _InFlight(batch, (), out.grid[:n], out.warped[:n], theta, seconds)
-        start, end, done = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True), torch.cuda.Event())
+        start, end, done = (
+            torch.cuda.Event(enable_timing=True),
+            torch.cuda.Event(enable_timing=True),
+            torch.cuda.Event(),
+        )
         start.record()
         with self.acceleration.autocast(self.torch_device):
             out = runner(moving, fixed)
@@ -147,7 +159,9 @@ class NetworkRegistrar:
         results = []
         for k, item in enumerate(flight.batch):
             fixed, moving = item.fixed.grid, item.moving.grid
-            affine = None if flight.theta is None else affine_to_physical(flight.theta[k].double().numpy(), fixed, moving)
+            affine = (
+                None if flight.theta is None else affine_to_physical(flight.theta[k].double().numpy(), fixed, moving)
+            )
             image = fixed.apply_to(sitk.GetImageFromArray(warped[k, 0]))
             results.append(RegistrationResult(grid_to_displacement(grids[k], fixed, moving), seconds, affine, image))
         return results
@@ -155,7 +169,9 @@ class NetworkRegistrar:
     def register(self, batch: list[LoadedPair]) -> list[RegistrationResult]:
         return self._finish(self._launch(batch))
 
-    def register_stream(self, batches: Iterable[list[LoadedPair]]) -> Iterator[tuple[list[LoadedPair], list[RegistrationResult]]]:
+    def register_stream(
+        self, batches: Iterable[list[LoadedPair]]
+    ) -> Iterator[tuple[list[LoadedPair], list[RegistrationResult]]]:
         """(batch, results) for every batch, in order; batch k+1 is pulled from `batches` (file
         reads included) and queued before batch k's results are made (see the class notes)."""
         if not (self.prefetch and self.cuda):
@@ -170,4 +186,3 @@ class NetworkRegistrar:
             pending = launched
         if pending is not None:
             yield pending[0], self._finish(pending[1])
-

@@ -29,8 +29,14 @@ from .base import LoadedPair, RegistrationResult
 from .chunk import write_pair_files
 from .network import NetworkRegistrar
 
-OUTPUT_NAMES = ("displacement.nii.gz", "affine.tfm", "warped.nii.gz", "warped_original.nii.gz", "warped_mask.nii.gz",
-                "fixed_landmarks_in_moving.csv")
+OUTPUT_NAMES = (
+    "displacement.nii.gz",
+    "affine.tfm",
+    "warped.nii.gz",
+    "warped_original.nii.gz",
+    "warped_mask.nii.gz",
+    "fixed_landmarks_in_moving.csv",
+)
 
 
 @dataclass
@@ -61,15 +67,17 @@ def _read_checked(path: Path) -> sitk.Image:
     return image
 
 
-def _read_inputs(fixed_path: Path, moving_path: Path, moving_mask_path: Path | None,
-                 fixed_landmarks_path: Path | None) -> Inputs:
+def _read_inputs(
+    fixed_path: Path, moving_path: Path, moving_mask_path: Path | None, fixed_landmarks_path: Path | None
+) -> Inputs:
     """Both images, the moving mask (on the moving image's grid) and the fixed landmarks, checked."""
     inputs = Inputs(_read_checked(fixed_path), _read_checked(moving_path))
     if moving_mask_path:
         inputs.moving_mask = io.read_image(moving_mask_path)
         manifest.check_mask(None, moving_mask_path, inputs.moving_mask)
-        manifest.check_mask_grid(None, moving_mask_path, Grid.of(inputs.moving_mask), moving_path,
-                                 Grid.of(inputs.moving))
+        manifest.check_mask_grid(
+            None, moving_mask_path, Grid.of(inputs.moving_mask), moving_path, Grid.of(inputs.moving)
+        )
     if fixed_landmarks_path:
         inputs.fixed_landmarks = io.read_landmarks(fixed_landmarks_path)
         inputs.landmark_names = io.read_landmark_names(fixed_landmarks_path)
@@ -99,11 +107,17 @@ def _check_preprocessed(images: dict[str, sitk.Image], settings: PreprocessSetti
     for role, image in images.items():
         shape = image.GetSize()[::-1]
         if tuple(shape) != tuple(settings.grid_shape):
-            raise InputError(None, None, f"{role} image: grid {' x '.join(map(str, shape))} (z, y, x) is not the model's "
-                               f"{' x '.join(map(str, settings.grid_shape))}; drop --preprocessed to preprocess it")
+            raise InputError(
+                None,
+                None,
+                f"{role} image: grid {' x '.join(map(str, shape))} (z, y, x) is not the model's "
+                f"{' x '.join(map(str, settings.grid_shape))}; drop --preprocessed to preprocess it",
+            )
         array = sitk.GetArrayViewFromImage(image)
         if array.min() < 0 or array.max() > 1:
-            raise InputError(None, None, f"{role} image: intensities outside [0, 1]; drop --preprocessed to preprocess it")
+            raise InputError(
+                None, None, f"{role} image: intensities outside [0, 1]; drop --preprocessed to preprocess it"
+            )
 
 
 # ------------------------------------------------------------------------------ register
@@ -121,21 +135,27 @@ def _loaded_pair(inputs: Inputs, settings: PreprocessSettings, preprocessed: boo
     else:
         fixed_phase = settings.reference_phase
         moving_phase = other_phase(fixed_phase)
-        grid, by_phase, masks = onto_common_grid({fixed_phase: inputs.fixed, moving_phase: inputs.moving},
-                                                 {fixed_phase: None, moving_phase: inputs.moving_mask}, settings)
+        grid, by_phase, masks = onto_common_grid(
+            {fixed_phase: inputs.fixed, moving_phase: inputs.moving},
+            {fixed_phase: None, moving_phase: inputs.moving_mask},
+            settings,
+        )
         images = {"fixed": by_phase[fixed_phase], "moving": by_phase[moving_phase]}
         grids = {"fixed": grid, "moving": grid}
         moving_mask = masks[moving_phase]
     no_landmarks = pd.DataFrame(columns=["landmark", "x", "y", "z", "in_view"])
-    phases = {role: Phase(images[role], np.zeros(grids[role].shape, bool), grids[role], no_landmarks)
-              for role in ("fixed", "moving")}
+    phases = {
+        role: Phase(images[role], np.zeros(grids[role].shape, bool), grids[role], no_landmarks)
+        for role in ("fixed", "moving")
+    }
     if moving_mask is not None:
         phases["moving"].mask = sitk.GetArrayFromImage(moving_mask) > 0
     return LoadedPair(Pair("moving", "moving", "fixed", "fixed"), phases["fixed"], phases["moving"])
 
 
-def _write_outputs(out: Path, item: LoadedPair, result: RegistrationResult, inputs: Inputs,
-                   preprocessed: bool) -> dict[str, Path]:
+def _write_outputs(
+    out: Path, item: LoadedPair, result: RegistrationResult, inputs: Inputs, preprocessed: bool
+) -> dict[str, Path]:
     """The workflow's pair files, then what only the command writes (see REGISTER_HELP)."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in OUTPUT_NAMES:  # a rerun into the same folder leaves no file of another run
@@ -147,20 +167,39 @@ def _write_outputs(out: Path, item: LoadedPair, result: RegistrationResult, inpu
     if not preprocessed:
         moving = inputs.moving
         default = float(np.min(sitk.GetArrayViewFromImage(moving)))
-        warped_original = resample(sitk.Cast(moving, sitk.sitkFloat32), Grid.of(inputs.fixed), "linear", default,
-                                   displacement_transform(result.displacement, fixed_grid))
+        warped_original = resample(
+            sitk.Cast(moving, sitk.sitkFloat32),
+            Grid.of(inputs.fixed),
+            "linear",
+            default,
+            displacement_transform(result.displacement, fixed_grid),
+        )
         io.write_image(warped_original, out / "warped_original.nii.gz")
     if inputs.fixed_landmarks is not None:
         mapped = map_points(result.displacement, fixed_grid, inputs.fixed_landmarks)
-        table = pd.DataFrame({"landmark": inputs.landmark_names, "x": mapped[:, 0], "y": mapped[:, 1],
-                              "z": mapped[:, 2], "in_grid": fixed_grid.contains(inputs.fixed_landmarks)})
+        table = pd.DataFrame(
+            {
+                "landmark": inputs.landmark_names,
+                "x": mapped[:, 0],
+                "y": mapped[:, 1],
+                "z": mapped[:, 2],
+                "in_grid": fixed_grid.contains(inputs.fixed_landmarks),
+            }
+        )
         io.write_text(table.to_csv(index=False, lineterminator="\n"), out / "fixed_landmarks_in_moving.csv")
     return {name: out / name for name in OUTPUT_NAMES if (out / name).is_file()}
 
 
-def register_pair(model_path: Path, fixed_path: Path, moving_path: Path, out: Path,
-                  moving_mask_path: Path | None = None, device: str = "auto", preprocessed: bool = False,
-                  fixed_landmarks_path: Path | None = None) -> dict[str, Path]:
+def register_pair(
+    model_path: Path,
+    fixed_path: Path,
+    moving_path: Path,
+    out: Path,
+    moving_mask_path: Path | None = None,
+    device: str = "auto",
+    preprocessed: bool = False,
+    fixed_landmarks_path: Path | None = None,
+) -> dict[str, Path]:
     """Preprocess both images as the model's workflow did, register, write the outputs.
 
     Every input is read and checked before the network runs; problems raise io.InputError.

@@ -76,6 +76,7 @@ _N_MODES = 6  # random cosine modes of the heterogeneity field
 
 # ------------------------------------------------------------------------------ subjects
 
+
 def _subject_index(settings: SyntheticCohortSettings, subject: str) -> int:
     ids = settings.subject_ids()
     if subject not in ids:
@@ -127,13 +128,23 @@ def _draw_parameters(settings: SyntheticCohortSettings, rng: np.random.Generator
 def _draw_anatomy(d: _Draws) -> dict[str, Any]:
     """Body, lungs, diaphragm, heart, spine: sizes in mm around an adult thorax."""
     return {
-        "body_semi_axes_mm": [d.rel(165), d.rel(125)], "body_exponent": d.rel(2.6, 0.05),
-        "fat_mm": d.rel(15, 0.3), "muscle_mm": d.rel(12, 0.15),
-        "lung_medial_gap_mm": d.rel(30, 0.08), "lung_exponent": d.rel(2.3, 0.06),
-        "right_apex_z_mm": d.normal(118, 4), "left_apex_drop_mm": d.normal(3, 2), "apex_cap_mm": d.rel(80),
-        "right_lung_height_mm": d.rel(188), "left_dome_drop_mm": d.normal(12, 4), "dome_depth_mm": d.rel(34, 0.15),
-        "heart_semi_axes_mm": [d.rel(60), d.rel(44), d.rel(55)], "heart_x_mm": d.normal(16, 4),
-        "spine_radius_mm": d.rel(17), "disc_period_mm": d.rel(27, 0.05), "disc_phase": float(d.rng.uniform()),
+        "body_semi_axes_mm": [d.rel(165), d.rel(125)],
+        "body_exponent": d.rel(2.6, 0.05),
+        "fat_mm": d.rel(15, 0.3),
+        "muscle_mm": d.rel(12, 0.15),
+        "lung_medial_gap_mm": d.rel(30, 0.08),
+        "lung_exponent": d.rel(2.3, 0.06),
+        "right_apex_z_mm": d.normal(118, 4),
+        "left_apex_drop_mm": d.normal(3, 2),
+        "apex_cap_mm": d.rel(80),
+        "right_lung_height_mm": d.rel(188),
+        "left_dome_drop_mm": d.normal(12, 4),
+        "dome_depth_mm": d.rel(34, 0.15),
+        "heart_semi_axes_mm": [d.rel(60), d.rel(44), d.rel(55)],
+        "heart_x_mm": d.normal(16, 4),
+        "spine_radius_mm": d.rel(17),
+        "disc_period_mm": d.rel(27, 0.05),
+        "disc_phase": float(d.rng.uniform()),
     }
 
 
@@ -150,9 +161,13 @@ def _draw_pose(d: _Draws, settings: SyntheticCohortSettings) -> dict[str, Any]:
 def _draw_motion(d: _Draws, settings: SyntheticCohortSettings) -> dict[str, Any]:
     """Breathing: depth (random in both groups), its shape, expansion and heterogeneity."""
     depth = float(np.clip(d.lognormal(settings.breathing_depth_mm, settings.breathing_depth_variation), 8, 62))
-    p = {"diaphragm_excursion_mm": depth, "left_excursion_ratio": d.normal(1.0, 0.06),
-         "posterior_excursion_gradient": d.normal(0.15, 0.05), "basal_strain": d.normal(0.45, 0.15),
-         "peripheral_reduction": d.normal(0.0, 0.08)}
+    p = {
+        "diaphragm_excursion_mm": depth,
+        "left_excursion_ratio": d.normal(1.0, 0.06),
+        "posterior_excursion_gradient": d.normal(0.15, 0.05),
+        "basal_strain": d.normal(0.45, 0.15),
+        "peripheral_reduction": d.normal(0.0, 0.08),
+    }
     scale = np.sqrt(depth / 35.0)  # deeper breaths also expand the chest more
     p["lateral_expansion"] = d.lognormal(0.05 * scale, 0.2)
     p["ap_expansion"] = d.lognormal(0.08 * scale, 0.2)
@@ -209,7 +224,7 @@ def skinny_matmul(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         return points @ matrix
     out = points[:, :1] * matrix[0]
     for i in range(1, matrix.shape[0]):
-        out += points[:, i:i + 1] * matrix[i]
+        out += points[:, i : i + 1] * matrix[i]
     return out
 
 
@@ -271,8 +286,10 @@ class SubjectModel:
         self._motion(params)
         self.pose_inhale = _Rigid(_rotation(params["pose_rotation_deg"]), np.asarray(params["pose_translation_mm"]))
         rep = _rotation(params["repositioning_rotation_deg"])
-        self.pose_exhale = _Rigid(self.pose_inhale.matrix @ rep,
-                                  self.pose_inhale.apply(np.asarray(params["repositioning_translation_mm"], float)))
+        self.pose_exhale = _Rigid(
+            self.pose_inhale.matrix @ rep,
+            self.pose_inhale.apply(np.asarray(params["repositioning_translation_mm"], float)),
+        )
         self.tubes, self.landmarks_canonical = self._tubes_and_landmarks(tree_rng)
         self._layers: tuple | None = None
 
@@ -376,8 +393,13 @@ class SubjectModel:
         for lung in self.lungs:
             height = lung.apex - lung.dome_top
             taper = 1 - LUNG_TAPER * np.clip((c[:, 2] - lung.dome_top) / height, 0, 1)  # widest at the base
-            h, gx, gy = _superellipse(c[:, 0] - lung.centre[0], c[:, 1] - lung.centre[1],
-                                      lung.axes[0] * taper, lung.axes[1] * taper, lung.exponent)
+            h, gx, gy = _superellipse(
+                c[:, 0] - lung.centre[0],
+                c[:, 1] - lung.centre[1],
+                lung.axes[0] * taper,
+                lung.axes[1] * taper,
+                lung.exponent,
+            )
             hz = h / taper * LUNG_TAPER / height
             v = np.maximum(c[:, 2] - (lung.apex - lung.cap), 0) / lung.cap
             rho = np.maximum(np.sqrt(h * h + v * v), 1e-6)
@@ -489,13 +511,20 @@ class SubjectModel:
                 break
         return segments, nodes
 
-    def _branch_ends(self, starts: np.ndarray, directions: np.ndarray, lengths: np.ndarray, lung: _Lung,
-                     margin: float = 4.0) -> np.ndarray:
+    def _branch_ends(
+        self, starts: np.ndarray, directions: np.ndarray, lengths: np.ndarray, lung: _Lung, margin: float = 4.0
+    ) -> np.ndarray:
         """Branch ends inside the lung: shortened, or bent towards the lung's core; NaN if none fits."""
         core = np.array([lung.centre[0], lung.centre[1], (lung.apex + lung.dome_top) / 2])
         towards_core = _unit(core - starts)
-        candidates = np.stack([starts + _unit(directions + bend * towards_core) * (lengths * shrink)[:, None]
-                               for bend in (0.0, 0.6, 1.5) for shrink in (1.0, 0.65, 0.42)], axis=1)
+        candidates = np.stack(
+            [
+                starts + _unit(directions + bend * towards_core) * (lengths * shrink)[:, None]
+                for bend in (0.0, 0.6, 1.5)
+                for shrink in (1.0, 0.65, 0.42)
+            ],
+            axis=1,
+        )
         fits = (self.lung_sd(candidates.reshape(-1, 3))[0] <= -margin).reshape(len(starts), -1)
         first = np.argmax(fits, axis=1)  # candidates are in order of preference
         ends = candidates[np.arange(len(starts)), first]
@@ -552,9 +581,16 @@ class SubjectModel:
         offsets = np.empty((len(q), 2), dtype=q.dtype)
         offsets[:, 0] = self.p["lateral_expansion"] * x * level
         offsets[:, 1] = -self.p["ap_expansion"] * np.maximum(self.spine_y - y, 0) * level
-        envelope = sum(np.exp(-(((x - lg.centre[0]) / lg.axes[0]) ** 2 + ((y - lg.centre[1]) / lg.axes[1]) ** 2
-                                + ((z - (lg.apex + lg.dome_top) / 2) / (0.5 * (lg.apex - lg.dome_top))) ** 2))
-                       for lg in self.lungs)
+        envelope = sum(
+            np.exp(
+                -(
+                    ((x - lg.centre[0]) / lg.axes[0]) ** 2
+                    + ((y - lg.centre[1]) / lg.axes[1]) ** 2
+                    + ((z - (lg.apex + lg.dome_top) / 2) / (0.5 * (lg.apex - lg.dome_top))) ** 2
+                )
+            )
+            for lg in self.lungs
+        )
         envelope = np.maximum(envelope - 1e-3, 0)  # exactly zero far away, and continuous (E must be)
         near = envelope > 0
         if np.any(near):
@@ -584,8 +620,14 @@ class SubjectModel:
         moving = _smoothstep((1.06 - cavity) / 0.08) * _smoothstep((spine - self.spine_r - 2.0) / 10.0)
         base = self.dome(x, y)[0] + excursion  # exhale diaphragm height
         apex = blend(*(lg.apex for lg in self.lungs))
-        return {"D": excursion, "base": base, "apex": apex, "length": np.maximum(apex - base, 40.0),
-                "footprint": footprint, "moving": moving}
+        return {
+            "D": excursion,
+            "base": base,
+            "apex": apex,
+            "length": np.maximum(apex - base, 40.0),
+            "footprint": footprint,
+            "moving": moving,
+        }
 
     def _profile(self, col: dict, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Normalised height s (0 apex, 1 base), piston fraction h(s) and dh/dz."""
@@ -647,6 +689,7 @@ class SubjectModel:
 
     def _solve_column(self, col: dict, c: np.ndarray, branch: str) -> np.ndarray:
         """Solve z + w(z) = c_z per column; z + w is strictly increasing, so bisection is safe."""
+
         def residual(z: np.ndarray, cols: dict, pts: np.ndarray) -> tuple:
             if branch == "lung":
                 w, dw = self._w_lung(cols, np.stack([pts[:, 0], pts[:, 1], z], axis=1))
@@ -696,8 +739,10 @@ class SubjectModel:
             if np.abs(r).max() < 1e-6:
                 break
             for k in range(len(x)):
-                jac = np.stack([(self.phi(x[k] + e)[0] - self.phi(x[k] - e)[0])[0] / 2e-3
-                                for e in np.eye(3)[:, None, :] * 1e-3], axis=1)
+                jac = np.stack(
+                    [(self.phi(x[k] + e)[0] - self.phi(x[k] - e)[0])[0] / 2e-3 for e in np.eye(3)[:, None, :] * 1e-3],
+                    axis=1,
+                )
                 x[k] -= np.linalg.solve(jac, r[k])
         error = np.linalg.norm(self.phi(x)[0] - y, axis=1).max()
         if error > 1e-3:
@@ -786,8 +831,15 @@ def _split_tubes(tubes: np.ndarray, max_length: float) -> np.ndarray:
         n = max(1, int(np.ceil(np.linalg.norm(b - a) / max_length)))
         t = np.linspace(0, 1, n + 1)
         for i in range(n):
-            pieces.append((*(a + t[i] * (b - a)), *(a + t[i + 1] * (b - a)),
-                           r0 + t[i] * (r1 - r0), r0 + t[i + 1] * (r1 - r0), tube[8]))
+            pieces.append(
+                (
+                    *(a + t[i] * (b - a)),
+                    *(a + t[i + 1] * (b - a)),
+                    r0 + t[i] * (r1 - r0),
+                    r0 + t[i + 1] * (r1 - r0),
+                    tube[8],
+                )
+            )
     return np.asarray(pieces)
 
 
@@ -812,7 +864,7 @@ def _paint_piece(layer: np.ndarray, piece: np.ndarray, lo: np.ndarray, spacing: 
     radius = r0 + t * (r1 - r0)
     effective = np.maximum(radius, width / 2)  # thinner tubes: wider but fainter (same area)
     occupancy = np.clip(0.5 + (effective - dist) / width, 0, 1) * (radius / effective) ** 2
-    block = layer[first[2]:last[2] + 1, first[1]:last[1] + 1, first[0]:last[0] + 1]
+    block = layer[first[2] : last[2] + 1, first[1] : last[1] + 1, first[0] : last[0] + 1]
     np.maximum(block, occupancy.astype(F32), out=block)
 
 

@@ -79,8 +79,13 @@ def calibration_accuracy(settings: SyntheticCohortSettings, seeds: Iterable[int]
         folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=int(seed))
         model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
         scores = cross_validate(model, x, y, cv=folds, scoring=("accuracy", "balanced_accuracy"))
-        rows.append({"seed": int(seed), "effect_size": settings.effect_size,
-                     "accuracy": float(scores["test_accuracy"].mean()),
-                     "balanced_accuracy": float(scores["test_balanced_accuracy"].mean()),
-                     "majority_rate": float(max(y.mean(), 1 - y.mean()))})
+        rows.append(
+            {
+                "seed": int(seed),
+                "effect_size": settings.effect_size,
+                "accuracy": float(scores["test_accuracy"].mean()),
+                "balanced_accuracy": float(scores["test_balanced_accuracy"].mean()),
+                "majority_rate": float(max(y.mean(), 1 - y.mean())),
+            }
+        )
     return pd.DataFrame(rows)

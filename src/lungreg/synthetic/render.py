@@ -52,8 +52,17 @@ def _bias_field(grid: Grid, params: dict, strength: float, points: np.ndarray) -
     """Smooth multiplicative bias in scanner coordinates (the coil does not move with the patient)."""
     half = np.asarray(grid.size) * np.asarray(grid.spacing) / 2
     u = points / half.astype(points.dtype)
-    basis = [u[:, 0], u[:, 1], u[:, 2], u[:, 0] ** 2 - 1 / 3, u[:, 1] ** 2 - 1 / 3, u[:, 2] ** 2 - 1 / 3,
-             u[:, 0] * u[:, 1], u[:, 0] * u[:, 2], u[:, 1] * u[:, 2]]
+    basis = [
+        u[:, 0],
+        u[:, 1],
+        u[:, 2],
+        u[:, 0] ** 2 - 1 / 3,
+        u[:, 1] ** 2 - 1 / 3,
+        u[:, 2] ** 2 - 1 / 3,
+        u[:, 0] * u[:, 1],
+        u[:, 0] * u[:, 2],
+        u[:, 1] * u[:, 2],
+    ]
     log_bias = sum(a * b for a, b in zip(params["bias_coefficients"], basis)) / 3.0
     return params["gain"] * np.exp(strength * log_bias)
 
@@ -123,12 +132,23 @@ def synthesize_subject(settings: SyntheticCohortSettings, subject: str, out_dir:
     inhale["image"] = _add_noise(inhale["image"], settings.noise_std, noise_inhale)
     exhale["image"] = _add_noise(exhale["image"], settings.noise_std, noise_exhale)
     residual = _residual_summary(inhale)
-    record = {**model.p, "effect_size": settings.effect_size, "seed": settings.seed,
-              "inverse_residual_mm": residual, "landmarks": list(LANDMARK_NAMES)}
+    record = {
+        **model.p,
+        "effect_size": settings.effect_size,
+        "seed": settings.seed,
+        "inverse_residual_mm": residual,
+        "landmarks": list(LANDMARK_NAMES),
+    }
     _write_outputs(Path(out_dir), grid, {"inhale": inhale, "exhale": exhale}, marks, record)
-    log.info("synthesized %s (%s, excursion %.1f mm) in %.1f s; inverse residual in lung mean %.2g max %.2g mm",
-             subject, model.p["label"], model.p["diaphragm_excursion_mm"], time.perf_counter() - began,
-             residual["lung_mean"], residual["lung_max"])
+    log.info(
+        "synthesized %s (%s, excursion %.1f mm) in %.1f s; inverse residual in lung mean %.2g max %.2g mm",
+        subject,
+        model.p["label"],
+        model.p["diaphragm_excursion_mm"],
+        time.perf_counter() - began,
+        residual["lung_mean"],
+        residual["lung_max"],
+    )
 
 
 def _write_outputs(out_dir: Path, grid: Grid, phases: dict, marks: dict, record: dict) -> None:
@@ -137,19 +157,25 @@ def _write_outputs(out_dir: Path, grid: Grid, phases: dict, marks: dict, record:
     for phase, data in phases.items():
         write_image(image_from_array(data["image"].reshape(shape).astype(F32), grid), out_dir / f"{phase}.nii.gz")
         write_image(image_from_array(data["mask"].reshape(shape), grid), out_dir / f"{phase}_mask.nii.gz")
-        write_image(image_from_array(data["field"].reshape(*shape, 3), grid, is_vector=True),
-                    out_dir / f"gt_displacement_fixed-{phase}.nii.gz")
+        write_image(
+            image_from_array(data["field"].reshape(*shape, 3), grid, is_vector=True),
+            out_dir / f"gt_displacement_fixed-{phase}.nii.gz",
+        )
         points = marks[phase]
         table = pd.DataFrame({"landmark": LANDMARK_NAMES, "x": points[:, 0], "y": points[:, 1], "z": points[:, 2]})
-        write_text(table.to_csv(index=False, float_format="%.6f", lineterminator="\n"),
-                   out_dir / f"{phase}_landmarks.csv")
+        write_text(
+            table.to_csv(index=False, float_format="%.6f", lineterminator="\n"), out_dir / f"{phase}_landmarks.csv"
+        )
     write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", out_dir / "parameters.json")
 
 
 def _residual_summary(inhale: dict) -> dict[str, float]:
     lung = inhale["mask"].astype(bool)
     r = inhale["residual"]
-    return {"lung_mean": float(r[lung].mean()) if lung.any() else 0.0,
-            "lung_max": float(r[lung].max()) if lung.any() else 0.0,
-            "all_mean": float(r.mean()), "all_max": float(r.max()),
-            "all_fraction_above_0.1mm": float((r > 0.1).mean())}
+    return {
+        "lung_mean": float(r[lung].mean()) if lung.any() else 0.0,
+        "lung_max": float(r[lung].max()) if lung.any() else 0.0,
+        "all_mean": float(r.mean()),
+        "all_max": float(r.max()),
+        "all_fraction_above_0.1mm": float((r > 0.1).mean()),
+    }

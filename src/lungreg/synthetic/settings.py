@@ -80,9 +80,17 @@ class SyntheticCohortSettings:
             problems.append(f"shape must be three sizes (z, y, x) of at least 8, got {list(self.shape)}")
         if len(self.field_of_view_mm) != 3 or min(self.field_of_view_mm) < 200:
             problems.append(f"field_of_view_mm must be three lengths >= 200 mm, got {list(self.field_of_view_mm)}")
-        for name in ("effect_size", "noise_std", "bias_field_strength", "anatomy_variation",
-                     "breathing_depth_variation", "pose_rotation_deg", "pose_translation_mm",
-                     "repositioning_rotation_deg", "repositioning_translation_mm"):
+        for name in (
+            "effect_size",
+            "noise_std",
+            "bias_field_strength",
+            "anatomy_variation",
+            "breathing_depth_variation",
+            "pose_rotation_deg",
+            "pose_translation_mm",
+            "repositioning_rotation_deg",
+            "repositioning_translation_mm",
+        ):
             if not np.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 problems.append(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 5 <= self.breathing_depth_mm <= 60:
@@ -101,8 +109,12 @@ class SyntheticCohortSettings:
         size = np.asarray(self.shape[::-1], dtype=int)
         spacing = np.asarray(self.field_of_view_mm[::-1], dtype=float) / size
         origin = -spacing * (size - 1) / 2
-        return Grid(tuple(int(s) for s in size), tuple(float(s) for s in spacing),
-                    tuple(float(o) for o in origin), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+        return Grid(
+            tuple(int(s) for s in size),
+            tuple(float(s) for s in spacing),
+            tuple(float(o) for o in origin),
+            (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        )
 
     def subject_ids(self) -> list[str]:
         width = max(3, len(str(self.n_subjects)))
@@ -147,4 +159,3 @@ def subject_table(settings: SyntheticCohortSettings) -> pd.DataFrame:
     ild = np.zeros(settings.n_subjects, dtype=bool)
     ild[rng.choice(settings.n_subjects, size=settings.n_ild, replace=False)] = True
     return pd.DataFrame({"subject": settings.subject_ids(), "label": np.where(ild, "ILD", "healthy")})
-

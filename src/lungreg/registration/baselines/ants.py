@@ -20,7 +20,16 @@ import SimpleITK as sitk
 from ...geometry import Grid
 from ...network.transform import displacement_transform
 from ..base import RegistrationResult
-from .common import CommonOptions, Prepared, RegistrationError, per_level, itk_threads, overlap_fraction, prepare, resolve
+from .common import (
+    CommonOptions,
+    Prepared,
+    RegistrationError,
+    itk_threads,
+    overlap_fraction,
+    per_level,
+    prepare,
+    resolve,
+)
 
 
 @dataclass(frozen=True)
@@ -53,15 +62,21 @@ def _ants_metric(name: str, fixed: str, moving: str, options: Mapping[str, Any],
     if affine:
         percentage = float(options["affine_sampling_percentage"])
         sampling = "None,1" if percentage >= 1 else f"Regular,{percentage}"
-        names = {"mattes": f"Mattes[{fixed},{moving},1,{int(options['mattes_bins'])},{sampling}]",
-                 "meansquares": f"MeanSquares[{fixed},{moving},1,0,{sampling}]",
-                 "gc": f"GC[{fixed},{moving},1,0,{sampling}]"}
+        names = {
+            "mattes": f"Mattes[{fixed},{moving},1,{int(options['mattes_bins'])},{sampling}]",
+            "meansquares": f"MeanSquares[{fixed},{moving},1,0,{sampling}]",
+            "gc": f"GC[{fixed},{moving},1,0,{sampling}]",
+        }
     else:
-        names = {"cc": f"CC[{fixed},{moving},1,{int(options['cc_radius'])}]",
-                 "mattes": f"Mattes[{fixed},{moving},1,{int(options['mattes_bins'])}]",
-                 "meansquares": f"MeanSquares[{fixed},{moving},1,0]"}
+        names = {
+            "cc": f"CC[{fixed},{moving},1,{int(options['cc_radius'])}]",
+            "mattes": f"Mattes[{fixed},{moving},1,{int(options['mattes_bins'])}]",
+            "meansquares": f"MeanSquares[{fixed},{moving},1,0]",
+        }
     if name not in names:
-        raise ValueError(f"unknown {'affine_metric' if affine else 'metric'} {name!r} for syn: expected {', '.join(names)}")
+        raise ValueError(
+            f"unknown {'affine_metric' if affine else 'metric'} {name!r} for syn: expected {', '.join(names)}"
+        )
     return names[name]
 
 
@@ -86,22 +101,51 @@ def syn_arguments(prepared: Prepared, pointers: Mapping[str, str], prefix: str, 
     for kind in options["linear_stages"]:
         if kind not in ("rigid", "affine"):
             raise ValueError(f"unknown linear stage {kind!r}: expected rigid or affine")
-        linear += ["--metric", _ants_metric(options["affine_metric"], f, m, options, affine=True),
-                   "--transform", f"{kind.capitalize()}[{float(options['affine_step'])}]",
-                   "--convergence", f"[{affine_iterations},1e-6,10]",
-                   "--smoothing-sigmas", sigmas, "--shrink-factors", factors,
-                   "--masks", mask if options["mask_all_stages"] else "[NA,NA]"]
-    args = ["--dimensionality", "3", "--float", "1", "--random-seed", str(int(options["seed"])),
-            "--initial-moving-transform", pointers["initial"],
-            *linear,
-            "--metric", _ants_metric(options["metric"], f, m, options, affine=False),
-            "--transform", f"SyN[{float(options['grad_step'])},{float(options['flow_sigma'])},{float(options['total_sigma'])}]",
-            "--convergence", f"[{syn_iterations},1e-7,8]",
-            "--smoothing-sigmas", sigmas, "--shrink-factors", factors,
-            "--masks", mask,
-            "--use-histogram-matching", "0", "--collapse-output-transforms", "1",
-            "--output", f"[{prefix},{pointers['warped']},{pointers['inverse_warped']}]",
-            "--verbose", "0"]
+        linear += [
+            "--metric",
+            _ants_metric(options["affine_metric"], f, m, options, affine=True),
+            "--transform",
+            f"{kind.capitalize()}[{float(options['affine_step'])}]",
+            "--convergence",
+            f"[{affine_iterations},1e-6,10]",
+            "--smoothing-sigmas",
+            sigmas,
+            "--shrink-factors",
+            factors,
+            "--masks",
+            mask if options["mask_all_stages"] else "[NA,NA]",
+        ]
+    args = [
+        "--dimensionality",
+        "3",
+        "--float",
+        "1",
+        "--random-seed",
+        str(int(options["seed"])),
+        "--initial-moving-transform",
+        pointers["initial"],
+        *linear,
+        "--metric",
+        _ants_metric(options["metric"], f, m, options, affine=False),
+        "--transform",
+        f"SyN[{float(options['grad_step'])},{float(options['flow_sigma'])},{float(options['total_sigma'])}]",
+        "--convergence",
+        f"[{syn_iterations},1e-7,8]",
+        "--smoothing-sigmas",
+        sigmas,
+        "--shrink-factors",
+        factors,
+        "--masks",
+        mask,
+        "--use-histogram-matching",
+        "0",
+        "--collapse-output-transforms",
+        "1",
+        "--output",
+        f"[{prefix},{pointers['warped']},{pointers['inverse_warped']}]",
+        "--verbose",
+        "0",
+    ]
     return args
 
 
@@ -117,8 +161,14 @@ def ants_affine_to_sitk(path: str | Path) -> sitk.AffineTransform:
     return affine
 
 
-def register_syn(fixed: sitk.Image, moving: sitk.Image, fixed_mask: np.ndarray | sitk.Image,
-                 options: Mapping[str, Any] | None = None, pair: str = "", threads: int = 1) -> RegistrationResult:
+def register_syn(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: np.ndarray | sitk.Image,
+    options: Mapping[str, Any] | None = None,
+    pair: str = "",
+    threads: int = 1,
+) -> RegistrationResult:
     """ANTsPy: centred initialisation, affine, SyN; the forward transforms composed into one field.
 
     The fixed image given to ANTs is cropped to the dilated lung mask's box plus a margin (as for
@@ -137,9 +187,13 @@ def register_syn(fixed: sitk.Image, moving: sitk.Image, fixed_mask: np.ndarray |
         # image (as ANTsPy's own `mask != 0`), a float image would be read as garbage
         mask_a = ants.from_sitk(sitk.Cast(prepared.mask_crop, sitk.sitkFloat32)) != 0
         warped_a, inverse_a = fixed_a.clone(), moving_a.clone()
-        pointers = {"fixed": get_pointer_string(fixed_a), "moving": get_pointer_string(moving_a),
-                    "mask": get_pointer_string(mask_a), "warped": get_pointer_string(warped_a),
-                    "inverse_warped": get_pointer_string(inverse_a)}
+        pointers = {
+            "fixed": get_pointer_string(fixed_a),
+            "moving": get_pointer_string(moving_a),
+            "mask": get_pointer_string(mask_a),
+            "warped": get_pointer_string(warped_a),
+            "inverse_warped": get_pointer_string(inverse_a),
+        }
         prefix = str(Path(folder) / "syn_")
         pointers["initial"] = str(Path(folder) / "initial.mat")
         sitk.WriteTransform(prepared.initial, pointers["initial"])
@@ -154,20 +208,28 @@ def register_syn(fixed: sitk.Image, moving: sitk.Image, fixed_mask: np.ndarray |
         if missing:
             raise RegistrationError(f"{pair or 'pair'}: antsRegistration wrote no {', '.join(missing)}")
         whole_fixed = ants.from_sitk(prepared.fixed)
-        composed = ants.apply_transforms(whole_fixed, moving_a, transformlist=forward, compose=str(Path(folder) / "fwd_"))
+        composed = ants.apply_transforms(
+            whole_fixed, moving_a, transformlist=forward, compose=str(Path(folder) / "fwd_")
+        )
         field_image = sitk.ReadImage(composed)
         displacement = sitk.GetArrayFromImage(field_image).astype(np.float64)
         grid = Grid.of(prepared.fixed)
         if displacement.shape != (*grid.shape, 3):
-            raise RegistrationError(f"{pair or 'pair'}: the composed ANTs field has shape {displacement.shape}, "
-                                    f"expected {(*grid.shape, 3)}")
+            raise RegistrationError(
+                f"{pair or 'pair'}: the composed ANTs field has shape {displacement.shape}, expected {(*grid.shape, 3)}"
+            )
         warped = ants.to_sitk(ants.apply_transforms(whole_fixed, moving_a, transformlist=forward))
         warped.CopyInformation(prepared.fixed)
         affine = ants_affine_to_sitk(forward[1])
         final_overlap = overlap_fraction(displacement_transform(displacement, grid), prepared.mask, prepared.moving)
     flag = "ok" if final_overlap >= float(options["min_overlap"]) else "final:low_overlap"
-    notes = {"flag": flag, "stop_condition": "not exposed by ANTsPy", "iterations": np.nan, "metric_value": np.nan,
-             "initial_overlap": prepared.initial_overlap, "final_overlap": final_overlap,
-             "pyramid": "x".join(map(str, prepared.factors))}
+    notes = {
+        "flag": flag,
+        "stop_condition": "not exposed by ANTsPy",
+        "iterations": np.nan,
+        "metric_value": np.nan,
+        "initial_overlap": prepared.initial_overlap,
+        "final_overlap": final_overlap,
+        "pyramid": "x".join(map(str, prepared.factors)),
+    }
     return RegistrationResult(displacement, seconds, affine, sitk.Cast(warped, sitk.sitkFloat32), notes)
-

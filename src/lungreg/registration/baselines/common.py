@@ -67,7 +67,9 @@ def resolve(cls: type[CommonOptions], method: str, options: Mapping[str, Any] | 
     """The options of `method` (an options class) as a dict; unknown keys and bad choices are errors."""
     resolved = dataclasses.asdict(settings_from(cls, options, f"baselines.{method}"))
     if resolved["initializer"] not in ("geometry", "moments", "none"):
-        raise ValueError(f"baselines.{method}.initializer must be geometry, moments or none, got {resolved['initializer']!r}")
+        raise ValueError(
+            f"baselines.{method}.initializer must be geometry, moments or none, got {resolved['initializer']!r}"
+        )
     if resolved["on_error"] not in ("raise", "identity"):
         raise ValueError(f"baselines.{method}.on_error must be raise or identity, got {resolved['on_error']!r}")
     return resolved
@@ -104,7 +106,9 @@ def mask_image(mask: np.ndarray | sitk.Image, reference: sitk.Image) -> sitk.Ima
     else:
         array = np.asarray(mask, bool)
     if array.shape != tuple(reference.GetSize())[::-1]:
-        raise ValueError(f"mask shape {array.shape} does not match the image (z, y, x) {tuple(reference.GetSize())[::-1]}")
+        raise ValueError(
+            f"mask shape {array.shape} does not match the image (z, y, x) {tuple(reference.GetSize())[::-1]}"
+        )
     image = sitk.GetImageFromArray(array.astype(np.uint8))
     image.CopyInformation(reference)
     return image
@@ -163,8 +167,13 @@ def _centre_of_mask(mask: sitk.Image) -> np.ndarray:
     return np.asarray(mask.TransformContinuousIndexToPhysicalPoint(index.tolist()))
 
 
-def centred_initial_transform(fixed: sitk.Image, moving: sitk.Image, kind: str, fixed_mask: sitk.Image | None = None,
-                              transform: sitk.Transform | None = None) -> sitk.Transform:
+def centred_initial_transform(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    kind: str,
+    fixed_mask: sitk.Image | None = None,
+    transform: sitk.Transform | None = None,
+) -> sitk.Transform:
     """Pitfall "initialisation": `CenteredTransformInitializer` (geometry or moments), or identity.
 
     Run on the whole fixed image (not the crop: the crop's centre is not the image centre). The
@@ -175,8 +184,10 @@ def centred_initial_transform(fixed: sitk.Image, moving: sitk.Image, kind: str, 
     if kind == "none":
         initial = transform
     else:
-        mode = {"geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY,
-                "moments": sitk.CenteredTransformInitializerFilter.MOMENTS}[kind]
+        mode = {
+            "geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY,
+            "moments": sitk.CenteredTransformInitializerFilter.MOMENTS,
+        }[kind]
         initial = sitk.CenteredTransformInitializer(fixed, moving, transform, mode)
     initial = type(transform)(initial) if not isinstance(initial, type(transform)) else initial
     if fixed_mask is not None and hasattr(initial, "SetCenter"):
@@ -204,23 +215,36 @@ def overlap_fraction(transform: sitk.Transform, fixed_mask: sitk.Image, moving: 
     return float(np.mean(sitk.GetArrayViewFromImage(inside)[in_mask] > 0.5))
 
 
-def check_overlap(transform: sitk.Transform, fixed_mask: sitk.Image, moving: sitk.Image, minimum: float,
-                  pair: str = "", stage: str = "initialisation") -> float:
+def check_overlap(
+    transform: sitk.Transform,
+    fixed_mask: sitk.Image,
+    moving: sitk.Image,
+    minimum: float,
+    pair: str = "",
+    stage: str = "initialisation",
+) -> float:
     """Pitfall "initialisation": refuse to optimise when the images barely overlap."""
     overlap = overlap_fraction(transform, fixed_mask, moving)
     if overlap < minimum:
         raise RegistrationError(
             f"{pair or 'pair'}: only {overlap:.1%} of the fixed lung-mask points map inside the moving image after "
             f"{stage} (minimum {minimum:.0%}); the images do not overlap enough to register (check the headers' "
-            f"origin / direction, or the initializer), so the optimiser was not started")
+            f"origin / direction, or the initializer), so the optimiser was not started"
+        )
     return overlap
 
 
 # --------------------------------------------------------------------------- pyramid
 
 
-def pyramid_schedule(size: tuple[int, ...], spacing: tuple[float, ...], mask_voxels: int, levels: int = 3,
-                     min_size: int = 12, min_mask_voxels: int = 1000) -> tuple[list[int], list[float]]:
+def pyramid_schedule(
+    size: tuple[int, ...],
+    spacing: tuple[float, ...],
+    mask_voxels: int,
+    levels: int = 3,
+    min_size: int = 12,
+    min_mask_voxels: int = 1000,
+) -> tuple[list[int], list[float]]:
     """Pitfall "pyramid": shrink factors (coarse to fine) and smoothing sigmas in mm.
 
     A factor f (a power of two, at most 2 ** (levels - 1)) is kept only if the shrunk image keeps at
@@ -230,8 +254,8 @@ def pyramid_schedule(size: tuple[int, ...], spacing: tuple[float, ...], mask_vox
     """
     factors = [1]
     for k in range(1, max(1, int(levels))):
-        f = 2 ** k
-        if min(size) // f >= min_size and mask_voxels / f ** 3 >= min_mask_voxels:
+        f = 2**k
+        if min(size) // f >= min_size and mask_voxels / f**3 >= min_mask_voxels:
             factors.insert(0, f)
         else:
             break
@@ -309,8 +333,14 @@ class IterationCounter:
         return self.per_level[-1] if self.per_level else 0
 
 
-def assess_stage(stop_condition: str, iterations: int, last_level_iterations: int, changed: bool,
-                 initial_metric: float = float("nan"), final_metric: float = float("nan")) -> str:
+def assess_stage(
+    stop_condition: str,
+    iterations: int,
+    last_level_iterations: int,
+    changed: bool,
+    initial_metric: float = float("nan"),
+    final_metric: float = float("nan"),
+) -> str:
     """Pitfall "optimiser": "ok", or why this stage's result must not be trusted.
 
     zero_iterations: the optimiser stopped before its first step (at the finest level);
@@ -354,19 +384,29 @@ def metric_now(method: sitk.ImageRegistrationMethod, prepared: "Prepared") -> fl
         return float("nan")
 
 
-def stage_notes(method: sitk.ImageRegistrationMethod, counter: "IterationCounter", prepared: "Prepared",
-                 initial_metric: float, changed: bool) -> dict:
+def stage_notes(
+    method: sitk.ImageRegistrationMethod,
+    counter: "IterationCounter",
+    prepared: "Prepared",
+    initial_metric: float,
+    changed: bool,
+) -> dict:
     """Stop condition, iterations, metric before / after and the stage's flag."""
     stop = method.GetOptimizerStopConditionDescription()
     counter.finish()
     final_metric = metric_now(method, prepared)
-    return {"stop_condition": stop, "iterations": counter.total, "metric_value": final_metric,
-            "initial_metric_value": initial_metric,
-            "flag": assess_stage(stop, counter.total, counter.last, changed, initial_metric, final_metric)}
+    return {
+        "stop_condition": stop,
+        "iterations": counter.total,
+        "metric_value": final_metric,
+        "initial_metric_value": initial_metric,
+        "flag": assess_stage(stop, counter.total, counter.last, changed, initial_metric, final_metric),
+    }
 
 
-def execute_stage(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image, pair: str,
-             stage: str) -> sitk.Transform:
+def execute_stage(
+    method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image, pair: str, stage: str
+) -> sitk.Transform:
     """Execute, turning ITK's exceptions into a RegistrationError that names the pair and stage."""
     try:
         return method.Execute(fixed, moving)
@@ -394,8 +434,13 @@ class Prepared:
     pair: str = ""
 
 
-def prepare(fixed: sitk.Image, moving: sitk.Image, fixed_mask: np.ndarray | sitk.Image, options: Mapping[str, Any],
-            pair: str = "") -> Prepared:
+def prepare(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: np.ndarray | sitk.Image,
+    options: Mapping[str, Any],
+    pair: str = "",
+) -> Prepared:
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
     moving = sitk.Cast(moving, sitk.sitkFloat32)
     mask = mask_image(fixed_mask, fixed)
@@ -404,18 +449,22 @@ def prepare(fixed: sitk.Image, moving: sitk.Image, fixed_mask: np.ndarray | sitk
     dilated = dilate_mask(mask, float(options["mask_dilation_mm"]))
     fixed_crop, mask_crop = crop_to_mask(fixed, dilated, float(options["crop_margin_mm"]))
     mask_voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask_crop)))
-    factors, sigmas = pyramid_schedule(fixed_crop.GetSize(), fixed_crop.GetSpacing(), mask_voxels,
-                                       options["pyramid_levels"], options["pyramid_min_size"],
-                                       options["pyramid_min_mask_voxels"])
+    factors, sigmas = pyramid_schedule(
+        fixed_crop.GetSize(),
+        fixed_crop.GetSpacing(),
+        mask_voxels,
+        options["pyramid_levels"],
+        options["pyramid_min_size"],
+        options["pyramid_min_mask_voxels"],
+    )
     initial = centred_initial_transform(fixed, moving, options["initializer"], mask)
     overlap = check_overlap(initial, mask, moving, float(options["min_overlap"]), pair)
     return Prepared(fixed, moving, mask, fixed_crop, mask_crop, factors, sigmas, initial, overlap, pair)
 
 
-
 def transform_to_displacement(transform: sitk.Transform, grid: Grid) -> np.ndarray:
     """Any ITK transform (fixed mm -> moving mm) as the (z, y, x, 3) displacement on `grid`."""
-    field_image = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, list(grid.size),
-                                                    list(grid.origin), list(grid.spacing), list(grid.direction))
+    field_image = sitk.TransformToDisplacementField(
+        transform, sitk.sitkVectorFloat64, list(grid.size), list(grid.origin), list(grid.spacing), list(grid.direction)
+    )
     return sitk.GetArrayFromImage(field_image)
-

@@ -54,11 +54,21 @@ class BaselineRegistrar:
                 if self.options["on_error"] == "raise":
                     raise
                 log.error("%s: %s; reporting the identity, flagged", self.name, error)
-                result = RegistrationResult(identity_displacement(item.fixed.grid, item.moving.grid), float("nan"),
-                                             None, None, {"flag": "failed", "stop_condition": str(error),
-                                                          "iterations": 0, "metric_value": np.nan})
-            log.info("%s %s: %.2f s, flag %s, %s", self.name, item.pair.name, result.seconds,
-                     result.notes.get("flag"), result.notes.get("stop_condition"))
+                result = RegistrationResult(
+                    identity_displacement(item.fixed.grid, item.moving.grid),
+                    float("nan"),
+                    None,
+                    None,
+                    {"flag": "failed", "stop_condition": str(error), "iterations": 0, "metric_value": np.nan},
+                )
+            log.info(
+                "%s %s: %.2f s, flag %s, %s",
+                self.name,
+                item.pair.name,
+                result.seconds,
+                result.notes.get("flag"),
+                result.notes.get("stop_condition"),
+            )
             results.append(result)
         return results
 

@@ -16,19 +16,19 @@ from .common import (
     IterationCounter,
     Prepared,
     RegistrationError,
-    execute_stage,
-    metric_now,
-    per_level,
-    stage_notes,
     apply_pyramid,
     assess_stage,
     combine_flags,
     configure_metric,
     configure_sampling,
+    execute_stage,
     itk_threads,
+    metric_now,
     overlap_fraction,
+    per_level,
     prepare,
     resolve,
+    stage_notes,
     transform_to_displacement,
 )
 
@@ -92,8 +92,9 @@ def _linear_transform(kind: str, previous: sitk.Transform) -> sitk.Transform:
 LINEAR_OPTIMIZERS = ("conjugate_gradient", "line_search", "gradient_descent")
 
 
-def configure_optimizer(method: sitk.ImageRegistrationMethod, kind: str, iterations: int,
-                        options: Mapping[str, Any]) -> None:
+def configure_optimizer(
+    method: sitk.ImageRegistrationMethod, kind: str, iterations: int, options: Mapping[str, Any]
+) -> None:
     """Pitfall "optimiser": a gradient optimiser with scales from physical shift.
 
     The learning rate is estimated so that the first step moves no point by more than
@@ -101,10 +102,14 @@ def configure_optimizer(method: sitk.ImageRegistrationMethod, kind: str, iterati
     degree rotation: small gradient at the start, overshoot later); the line-search variants
     (default: conjugate gradient) search along each direction and cannot increase the metric.
     """
-    common = dict(learningRate=1.0, numberOfIterations=int(iterations),
-                  convergenceMinimumValue=float(options["convergence_minimum"]),
-                  convergenceWindowSize=int(options["convergence_window"]),
-                  estimateLearningRate=method.Once, maximumStepSizeInPhysicalUnits=float(options["max_step_mm"]))
+    common = dict(
+        learningRate=1.0,
+        numberOfIterations=int(iterations),
+        convergenceMinimumValue=float(options["convergence_minimum"]),
+        convergenceWindowSize=int(options["convergence_window"]),
+        estimateLearningRate=method.Once,
+        maximumStepSizeInPhysicalUnits=float(options["max_step_mm"]),
+    )
     if kind == "conjugate_gradient":
         method.SetOptimizerAsConjugateGradientLineSearch(lineSearchUpperLimit=5.0, **common)
     elif kind == "line_search":
@@ -116,8 +121,9 @@ def configure_optimizer(method: sitk.ImageRegistrationMethod, kind: str, iterati
     method.SetOptimizerScalesFromPhysicalShift()
 
 
-def _linear_stage(prepared: Prepared, kind: str, start: sitk.Transform, options: Mapping[str, Any],
-                  threads: int) -> tuple[sitk.Transform, dict]:
+def _linear_stage(
+    prepared: Prepared, kind: str, start: sitk.Transform, options: Mapping[str, Any], threads: int
+) -> tuple[sitk.Transform, dict]:
     transform = _linear_transform(kind, start)
     before = np.asarray(transform.GetParameters())
     method = sitk.ImageRegistrationMethod()
@@ -132,8 +138,13 @@ def _linear_stage(prepared: Prepared, kind: str, start: sitk.Transform, options:
     counter = IterationCounter(method)
     initial_metric = metric_now(method, prepared)
     execute_stage(method, prepared.fixed_crop, prepared.moving, prepared.pair, kind)
-    return transform, stage_notes(method, counter, prepared, initial_metric,
-                                   not np.allclose(before, transform.GetParameters(), rtol=0, atol=1e-12))
+    return transform, stage_notes(
+        method,
+        counter,
+        prepared,
+        initial_metric,
+        not np.allclose(before, transform.GetParameters(), rtol=0, atol=1e-12),
+    )
 
 
 def _run_linear(prepared: Prepared, options: Mapping[str, Any], threads: int) -> tuple[sitk.AffineTransform, dict]:
@@ -155,9 +166,14 @@ def _run_linear(prepared: Prepared, options: Mapping[str, Any], threads: int) ->
     return affine, notes
 
 
-def sitk_affine(fixed: sitk.Image, moving: sitk.Image, fixed_mask: np.ndarray | sitk.Image,
-                options: Mapping[str, Any] | None = None, pair: str = "", threads: int = 1
-                ) -> tuple[sitk.AffineTransform, dict]:
+def sitk_affine(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: np.ndarray | sitk.Image,
+    options: Mapping[str, Any] | None = None,
+    pair: str = "",
+    threads: int = 1,
+) -> tuple[sitk.AffineTransform, dict]:
     """The SimpleITK linear stage alone: centred initialisation, overlap check, rigid then affine.
 
     Returns the affine transform (fixed mm -> moving mm, ITK's resampling direction) and notes
@@ -176,10 +192,12 @@ def bspline_mesh_size(image: sitk.Image, spacing_mm: float) -> list[int]:
     return [max(1, int(round(e / float(spacing_mm)))) for e in extent]
 
 
-def _bspline_stage(prepared: Prepared, affine: sitk.AffineTransform, options: Mapping[str, Any],
-                   threads: int) -> tuple[sitk.Transform, dict]:
-    bspline = sitk.BSplineTransformInitializer(prepared.fixed_crop, bspline_mesh_size(prepared.fixed_crop,
-                                                                                       options["grid_spacing_mm"]), 3)
+def _bspline_stage(
+    prepared: Prepared, affine: sitk.AffineTransform, options: Mapping[str, Any], threads: int
+) -> tuple[sitk.Transform, dict]:
+    bspline = sitk.BSplineTransformInitializer(
+        prepared.fixed_crop, bspline_mesh_size(prepared.fixed_crop, options["grid_spacing_mm"]), 3
+    )
     method = sitk.ImageRegistrationMethod()
     method.SetNumberOfThreads(threads)
     configure_metric(method, options["metric"], options["mattes_bins"])
@@ -189,21 +207,28 @@ def _bspline_stage(prepared: Prepared, affine: sitk.AffineTransform, options: Ma
     if options["bspline_optimizer"] == "lbfgsb":
         # L-BFGS-B scales its own steps (ITK's LBFGSB ignores parameter scales); B-spline
         # coefficients are all displacements in mm, so they are commensurate anyway.
-        method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=float(options["lbfgsb_gradient_tolerance"]),
-                                    numberOfIterations=iterations, maximumNumberOfCorrections=5,
-                                    maximumNumberOfFunctionEvaluations=4 * iterations,
-                                    costFunctionConvergenceFactor=float(options["lbfgsb_cost_factor"]))
+        method.SetOptimizerAsLBFGSB(
+            gradientConvergenceTolerance=float(options["lbfgsb_gradient_tolerance"]),
+            numberOfIterations=iterations,
+            maximumNumberOfCorrections=5,
+            maximumNumberOfFunctionEvaluations=4 * iterations,
+            costFunctionConvergenceFactor=float(options["lbfgsb_cost_factor"]),
+        )
     elif options["bspline_optimizer"] == "gradient_descent":
         configure_optimizer(method, "gradient_descent", iterations, options)
     else:
-        raise ValueError(f"unknown bspline_optimizer {options['bspline_optimizer']!r}: expected lbfgsb or gradient_descent")
+        raise ValueError(
+            f"unknown bspline_optimizer {options['bspline_optimizer']!r}: expected lbfgsb or gradient_descent"
+        )
     apply_pyramid(method, prepared.factors, prepared.sigmas_mm)
     method.SetMovingInitialTransform(affine)
     method.SetInitialTransform(bspline, inPlace=True)
     counter = IterationCounter(method)
     initial_metric = metric_now(method, prepared)
     execute_stage(method, prepared.fixed_crop, prepared.moving, prepared.pair, "B-spline")
-    notes = stage_notes(method, counter, prepared, initial_metric, bool(np.any(np.asarray(bspline.GetParameters()) != 0)))
+    notes = stage_notes(
+        method, counter, prepared, initial_metric, bool(np.any(np.asarray(bspline.GetParameters()) != 0))
+    )
     # ITK v4: the optimised transform acts first, then the moving initial one: T = A o B
     composite = sitk.CompositeTransform([affine, bspline])
     return composite, notes
@@ -225,8 +250,9 @@ def _strip_geometry(image: sitk.Image) -> sitk.Image:
     return image
 
 
-def _demons_stage(prepared: Prepared, affine: sitk.AffineTransform, options: Mapping[str, Any],
-                  threads: int) -> tuple[sitk.Transform, dict]:
+def _demons_stage(
+    prepared: Prepared, affine: sitk.AffineTransform, options: Mapping[str, Any], threads: int
+) -> tuple[sitk.Transform, dict]:
     """Demons between the cropped fixed image and the moving image resampled through the affine.
 
     Dense on the crop (no sampling at all); multi-resolution by the same schedule; smoothing given
@@ -251,8 +277,9 @@ def _demons_stage(prepared: Prepared, affine: sitk.AffineTransform, options: Map
             initial = sitk.Image(level_fixed.GetSize(), sitk.sitkVectorFloat64, 3)
             initial.CopyInformation(level_fixed)
         else:
-            initial = sitk.Resample(field_image, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                    sitk.sitkVectorFloat64)
+            initial = sitk.Resample(
+                field_image, level_fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64
+            )
         demons = DEMONS_FILTERS[options["demons_filter"]]()
         demons.SetNumberOfThreads(threads)
         demons.SetNumberOfIterations(int(n))
@@ -268,16 +295,29 @@ def _demons_stage(prepared: Prepared, affine: sitk.AffineTransform, options: Map
             field_image = demons.Execute(level_fixed, level_moving, initial)
         except RuntimeError as error:
             message = " ".join(str(error).split())
-            raise RegistrationError(f"{prepared.pair or 'pair'}: the demons stage failed in ITK: {message[-400:]}") from error
+            raise RegistrationError(
+                f"{prepared.pair or 'pair'}: the demons stage failed in ITK: {message[-400:]}"
+            ) from error
         last = int(demons.GetElapsedIterations())
         total += last
-        stops.append(f"level {level}: maximum iterations ({n})" if last >= n
-                     else f"level {level}: RMS change {demons.GetRMSChange():.3g} below {options['demons_max_rms_error']}")
-    field_image = sitk.Resample(field_image, fixed_local, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+        stops.append(
+            f"level {level}: maximum iterations ({n})"
+            if last >= n
+            else f"level {level}: RMS change {demons.GetRMSChange():.3g} below {options['demons_max_rms_error']}"
+        )
+    field_image = sitk.Resample(
+        field_image, fixed_local, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64
+    )
     local = sitk.GetArrayFromImage(field_image)
     changed = bool(np.any(local != 0))
-    warped_local = sitk.Resample(moving_local, fixed_local, sitk.DisplacementFieldTransform(sitk.Image(field_image)),
-                                 sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    warped_local = sitk.Resample(
+        moving_local,
+        fixed_local,
+        sitk.DisplacementFieldTransform(sitk.Image(field_image)),
+        sitk.sitkLinear,
+        0.0,
+        sitk.sitkFloat32,
+    )
     fixed_array = sitk.GetArrayViewFromImage(fixed_local)
     initial_metric = float(np.mean((fixed_array - sitk.GetArrayViewFromImage(moving_local)) ** 2))
     metric = float(np.mean((fixed_array - sitk.GetArrayViewFromImage(warped_local)) ** 2))
@@ -286,15 +326,26 @@ def _demons_stage(prepared: Prepared, affine: sitk.AffineTransform, options: Map
     field_crop = sitk.GetImageFromArray(physical, isVector=True)
     field_crop.CopyInformation(crop)
     stop = "; ".join(stops)
-    notes = {"stop_condition": stop, "iterations": total, "metric_value": metric, "initial_metric_value": initial_metric,
-             "flag": assess_stage(stop, total, last, changed, initial_metric, metric)}
+    notes = {
+        "stop_condition": stop,
+        "iterations": total,
+        "metric_value": metric,
+        "initial_metric_value": initial_metric,
+        "flag": assess_stage(stop, total, last, changed, initial_metric, metric),
+    }
     # DisplacementFieldTransform gives zero displacement outside the crop: T = A o (x + d)
     return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field_crop)]), notes
 
 
-
-def register_sitk(method: str, fixed: sitk.Image, moving: sitk.Image, fixed_mask: np.ndarray | sitk.Image,
-                  options: Mapping[str, Any] | None = None, pair: str = "", threads: int = 1) -> RegistrationResult:
+def register_sitk(
+    method: str,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: np.ndarray | sitk.Image,
+    options: Mapping[str, Any] | None = None,
+    pair: str = "",
+    threads: int = 1,
+) -> RegistrationResult:
     """sitk_bspline or sitk_demons on one pair; `seconds` covers the registration only."""
     options = resolve(OPTIONS[method], method, options)
     with itk_threads(threads):
@@ -311,9 +362,14 @@ def register_sitk(method: str, fixed: sitk.Image, moving: sitk.Image, fixed_mask
     flags = {"linear": notes.pop("linear_flag"), "deformable": deformable["flag"]}
     if final_overlap < float(options["min_overlap"]):
         flags["final"] = "low_overlap"
-    notes = {"flag": combine_flags(**flags), "stop_condition": deformable["stop_condition"],
-             "iterations": deformable["iterations"], "metric_value": deformable["metric_value"],
-             "initial_metric_value": deformable["initial_metric_value"], **notes,
-             "final_overlap": final_overlap, "pyramid": "x".join(map(str, prepared.factors))}
+    notes = {
+        "flag": combine_flags(**flags),
+        "stop_condition": deformable["stop_condition"],
+        "iterations": deformable["iterations"],
+        "metric_value": deformable["metric_value"],
+        "initial_metric_value": deformable["initial_metric_value"],
+        **notes,
+        "final_overlap": final_overlap,
+        "pyramid": "x".join(map(str, prepared.factors)),
+    }
     return RegistrationResult(displacement, seconds, affine, warped, notes)
-
