@@ -104,7 +104,13 @@ def test_the_workflow_config_options_are_accepted():
     yaml = pytest.importorskip("yaml")
     from pathlib import Path
 
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "config.yaml").read_text())
+    from snakemake.utils import validate
+
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    validate(
+        config, str(repo / "config" / "schemas" / "config.schema.yaml")
+    )  # the schema's defaults, as the rules get them
     workflow_keys = {"enabled", "protocols", "chunks"}
     for method, section in config["baselines"].items():
         resolve_options(method, {k: v for k, v in section.items() if k not in workflow_keys})

@@ -4,6 +4,7 @@ read config[...] without defaults of their own, and the schema lists what the re
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import pytest
 import yaml
@@ -18,7 +19,15 @@ from lungreg.network.model import Acceleration, ModelSettings
 from lungreg.network.train import TrainSettings
 from lungreg.preprocess import PreprocessSettings
 from lungreg.registration.baselines.registrar import OPTIONS, resolve_options
-from lungreg.study import BASELINE_METHODS, CLASSIFIERS, NETWORK_METHODS, REGIONAL_CLASSIFIERS
+from lungreg.registration.network import NetworkRegistrar
+from lungreg.study import (
+    BASELINE_METHODS,
+    CLASSIFIERS,
+    NETWORK_METHODS,
+    REGIONAL_CLASSIFIERS,
+    protocol_pairs,
+    split_subjects,
+)
 from lungreg.synthetic.settings import SyntheticCohortSettings
 
 SCHEMA = REPO / "config" / "schemas" / "config.schema.yaml"
@@ -77,6 +86,16 @@ def test_the_library_keeps_no_default_the_schema_does_not_have(config):
         ours, library = sklearn_classifier(name, config["classify"][name], 0), sklearn_classifier(name, {}, 0)
         assert [type(step) for step in ours] == [type(step) for step in library], name
         assert ours[-1].get_params() == library[-1].get_params(), name
+
+
+def test_the_library_functions_default_to_the_schema_where_they_take_a_config_value(config):
+    def default(function, name):
+        return inspect.signature(function).parameters[name].default
+
+    assert default(split_subjects, "min_subjects") == config["split"]["min_subjects"]
+    assert default(protocol_pairs, "fixed_phase") == config["pairs"]["fixed_phase"]
+    for name in ("device", "batch_size", "prefetch"):
+        assert default(NetworkRegistrar.__init__, name) == config["inference"][name], name
 
 
 def test_the_knobs_of_the_paper_versus_this_study_have_no_library_default():
