@@ -25,12 +25,12 @@ SYNTHETIC = "results/cohort/synthetic/{subject}"
 SYNTHETIC_FILES = {item: f"{item}.nii.gz" for item in ("inhale", "exhale", "inhale_mask", "exhale_mask")}
 SYNTHETIC_FILES |= {item: f"{item}.csv" for item in ("inhale_landmarks", "exhale_landmarks")}
 PREPROCESSED = study.PreprocessedLayout(Path("results/preprocessed"))
-IMAGE_INDEX = "results/preprocessed/{protocol}_images.tsv"
+IMAGE_INDEX = f"{PREPROCESSED.root}/{{protocol}}_images.tsv"
 MODEL = "results/model/{variant}"
 CHUNK = "results/registration/{method}/{protocol}/chunk-{chunk}"  # a folder; {CHUNK}_metrics.tsv beside it
 TABLE = "results/tables/{table}.tsv"
 CLASSIFICATION = "results/classification"
-FOLD = "results/classification/{classifier}/fold-{fold}"
+FOLD = f"{CLASSIFICATION}/{{classifier}}/fold-{{fold}}"
 FIGURES = "results/report"
 
 
