@@ -30,7 +30,8 @@ MODEL = "results/model/{variant}"
 CHUNK = "results/registration/{method}/{protocol}/chunk-{chunk}"  # a folder; {CHUNK}_metrics.tsv beside it
 TABLE = "results/tables/{table}.tsv"
 CLASSIFICATION = "results/classification"
-FOLD = f"{CLASSIFICATION}/{{classifier}}/fold-{{fold}}"
+SOURCE = f"{CLASSIFICATION}/{{source}}"  # one field source's features, classifier jobs and summary
+PART = f"{SOURCE}/{{classifier}}/{{part}}"  # a job: repeat-{r} (all its folds) or repeat-{r}_fold-{k}
 FIGURES = "results/report"
 
 
@@ -90,10 +91,12 @@ COHORT = load_cohort()
 SUBJECTS = COHORT["subject"].tolist()
 SYNTHETIC_COHORT = not config["subjects"]
 VARIANTS = config["network"]["variants"]
+REFINED = sum(stage["steps"] for stage in config["refine"]["stages"]) > 0
+NETWORK_ROWS = [m for v in VARIANTS for m in ([v, study.refined_method(v)] if REFINED else [v])]
 PROTOCOLS = config["inference"]["protocols"]
 PAIRS = {protocol: study.protocol_pairs(protocol, COHORT, FIXED_PHASE) for protocol in study.PROTOCOLS}
 BASELINES = [m for m, options in config["baselines"].items() if options["enabled"]]
-BASELINE_KEYS = ("enabled", "protocols", "chunks")  # workflow keys; the rest goes to the method
+BASELINE_KEYS = ("enabled", "protocols", "chunks", "subjects")  # workflow keys; the rest goes to the method
 
 
 def alternatives(values):
@@ -105,9 +108,12 @@ wildcard_constraints:
     subject=alternatives(SUBJECTS),
     phase="inhale|exhale",
     protocol=alternatives(study.PROTOCOLS),
-    variant=alternatives(study.NETWORK_METHODS),
+    variant=alternatives(study.NETWORK_VARIANTS),
     method=alternatives([m.name for m in study.METHODS]),
     chunk=r"\d+",
+    source=alternatives([m.name for m in study.METHODS] + ["ground_truth"]),
+    classifier=alternatives([c.name for c in study.CLASSIFIERS]),
+    part=r"repeat-\d+(_fold-\d+)?",
 
 
 # ------------------------------------------------------------------ preprocessing
@@ -161,8 +167,9 @@ def model_settings(wildcards):
 
 def method_pairs(method, protocol):
     """The network registers every subject's own pair (the classifier needs them all); the
-    classical baselines, which only feed the tables, register the evaluation subjects' pairs."""
-    if method in BASELINES and protocol == "inhale_exhale":
+    classical baselines register the evaluation subjects' pairs (the tables) unless their
+    `subjects: all` asks for every subject's (a field source of the classification)."""
+    if method in BASELINES and protocol == "inhale_exhale" and config["baselines"][method]["subjects"] == "evaluation":
         evaluated = set(study.evaluation_subjects(COHORT))
         return [p for p in PAIRS[protocol] if p.fixed_subject in evaluated]
     return PAIRS[protocol]
@@ -238,13 +245,23 @@ def chunk_truth(wildcards):
     return {p.fixed_subject: truth_path(p.fixed_subject) for p in chunk_pairs(wildcards) if p.intra_patient}
 
 
+def network_model(wildcards):
+    """The trained model a network method runs (a refined row runs its variant's)."""
+    return model_path(study.METHOD[wildcards.method].model)
+
+
+def refine_section(wildcards):
+    """The refinement's settings, for the refined rows only (so that changing them reruns only those)."""
+    return config["refine"] if study.METHOD[wildcards.method].refined else {}
+
+
 def chunk_pair_rows(wildcards):
     return pair_rows(chunk_pairs(wildcards))
 
 
 def method_protocols():
     """(method, protocol) for every registration the configuration asks for."""
-    chosen = [(m, p) for m in ["unregistered", *VARIANTS] for p in PROTOCOLS]
+    chosen = [(m, p) for m in ["unregistered", *NETWORK_ROWS] for p in PROTOCOLS]
     chosen += [(m, p) for m in BASELINES for p in config["baselines"][m]["protocols"]]
     return chosen
 
@@ -261,10 +278,27 @@ def baseline_options(wildcards):
 # ----------------------------------------------------------------- classification
 
 CLASSIFY = config["classify"]
-CLASSIFY_METHOD = CLASSIFY["method"]
+CLASSIFY_METHOD = CLASSIFY["method"]  # the field source of results/tables/classification.tsv
+CLASSIFY_SOURCES = [CLASSIFY_METHOD, *[s for s in CLASSIFY["sources"] if s != CLASSIFY_METHOD]]
 CLASSIFY_FOLDS = CLASSIFY["folds"]
+CLASSIFY_REPEATS = CLASSIFY["repeats"]
 CLASSIFY_CLASSIFIERS = CLASSIFY["classifiers"]
 CLASSIFY_LABELLED = study.labelled_subjects(COHORT)
+GROUND_TRUTH = "ground_truth"  # the synthetic cohort's exact fields, as a field source
+
+
+def source_problem(source):
+    """Why `source` has no inhale-exhale field for every labelled subject, or None."""
+    if source == GROUND_TRUTH:
+        return None if SYNTHETIC_COHORT else "ground_truth exists for the synthetic cohort only"
+    if (source, "inhale_exhale") not in method_protocols():
+        return f"{source} does not register the inhale_exhale protocol in this configuration"
+    covered = {p.fixed_subject for _, pairs in chunks_of(source, "inhale_exhale") for p in pairs}
+    missing = sorted(set(CLASSIFY_LABELLED["subject"]) - covered)
+    if missing:
+        hint = f"; set baselines: {source}: subjects: all" if source in BASELINES else ""
+        return f"{source} registers no inhale-exhale pair of {len(missing)} labelled subject(s){hint}"
+    return None
 
 
 def classification_skip_reason():
@@ -280,6 +314,25 @@ def classification_skip_reason():
 CLASSIFY_SKIP = classification_skip_reason()
 if CLASSIFY_SKIP:
     logger.warning(f"ILD classification: {CLASSIFY_SKIP}")
+else:
+    for source in CLASSIFY_SOURCES:
+        if source_problem(source):
+            raise WorkflowError(f"classify: field source {source}: {source_problem(source)}")
+
+
+def classification_parts():
+    """The classifier jobs of a source: one per repeat, or one per fold of each repeat."""
+    repeats = range(CLASSIFY_REPEATS)
+    if CLASSIFY["jobs"] == "per_repeat":
+        return [f"repeat-{r}" for r in repeats]
+    return [f"repeat-{r}_fold-{k}" for r in repeats for k in range(CLASSIFY_FOLDS)]
+
+
+def part_items(wildcards):
+    """(repeat, fold) of every fold the job `wildcards.part` runs."""
+    fields = dict(item.split("-") for item in wildcards.part.split("_"))
+    folds = [int(fields["fold"])] if "fold" in fields else range(CLASSIFY_FOLDS)
+    return [(int(fields["repeat"]), k) for k in folds]
 
 
 def classification_outputs(wildcards=None):
@@ -289,25 +342,34 @@ def classification_outputs(wildcards=None):
     return [
         f"{CLASSIFICATION}/folds.tsv",
         table_path("classification"),
-        f"{CLASSIFICATION}/predictions.tsv",
-        f"{CLASSIFICATION}/roc.png",
+        table_path("classification_sources"),
+        *[f"{SOURCE.format(source=s)}/roc.png" for s in CLASSIFY_SOURCES],
     ]
 
 
-def classify_field_paths(wildcards=None):
-    """subject -> its inhale-exhale displacement field, inside the chunk folder that writes it."""
+def source_field_paths(source):
+    """subject -> its inhale-exhale displacement field from `source` (a chunk folder's, or the truth)."""
     labelled = set(CLASSIFY_LABELLED["subject"])
+    if source == GROUND_TRUTH:
+        return {s: truth_path(s) for s in sorted(labelled)}
     return {
         p.fixed_subject: f"{folder}/{p.name}/displacement.nii.gz"
-        for folder, pairs in chunks_of(CLASSIFY_METHOD, "inhale_exhale")
+        for folder, pairs in chunks_of(source, "inhale_exhale")
         for p in pairs
         if p.fixed_subject in labelled
     }
 
 
-def classify_chunks(wildcards):
-    """The chunk folders (directory() outputs of register_network) holding the labelled subjects."""
-    return sorted({str(Path(path).parent.parent) for path in classify_field_paths().values()})
+def classify_field_paths(wildcards):
+    return source_field_paths(wildcards.source)
+
+
+def classify_field_inputs(wildcards):
+    """The chunk folders (directory() outputs) holding the fields, or the ground-truth files."""
+    paths = source_field_paths(wildcards.source)
+    if wildcards.source == GROUND_TRUTH:
+        return sorted(paths.values())
+    return sorted({str(Path(path).parent.parent) for path in paths.values()})
 
 
 def classify_mask_paths(wildcards=None):
@@ -322,11 +384,15 @@ def classifier_options(wildcards):
     return CLASSIFY[wildcards.classifier]
 
 
-def classify_fold_predictions(wildcards=None):
+def classify_part_predictions(wildcards):
     return {
-        c: [f"{FOLD.format(classifier=c, fold=k)}/predictions.tsv" for k in range(CLASSIFY_FOLDS)]
+        c: [f"{PART.format(source=wildcards.source, classifier=c, part=p)}/predictions.tsv" for p in classification_parts()]
         for c in CLASSIFY_CLASSIFIERS
     }
+
+
+def classify_source_summaries(wildcards=None):
+    return {s: f"{SOURCE.format(source=s)}/classification.tsv" for s in CLASSIFY_SOURCES}
 
 
 # ------------------------------------------------------------------------- report
@@ -373,7 +439,7 @@ def report_pair_folder(wildcards):
 
 def report_tables(wildcards=None):
     """Every table of results/tables/ by name."""
-    names = TABLES + (["classification"] if classification_outputs() else [])
+    names = TABLES + (["classification", "classification_sources"] if classification_outputs() else [])
     return {name: table_path(name) for name in names}
 
 

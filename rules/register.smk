@@ -31,7 +31,7 @@ rule register_unregistered:
 
 use rule register_unregistered as register_network with:
     input:
-        model=model_path("{method}"),
+        model=network_model,
         pairs=chunk_inputs,
     wildcard_constraints:
         method=alternatives(study.NETWORK_METHODS),
@@ -40,3 +40,4 @@ use rule register_unregistered as register_network with:
         gpu=1,
     params:
         inference=config["inference"],
+        refine=refine_section,

@@ -19,4 +19,5 @@ with log_to(snakemake.log[0]):
         metrics=snakemake.output.metrics,
         landmarks=snakemake.output.landmarks,
         baseline_options=snakemake.params.get("baseline"),
+        refine=snakemake.params.get("refine"),
     )

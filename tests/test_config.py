@@ -24,6 +24,7 @@ from lungreg.study import (
     BASELINE_METHODS,
     CLASSIFIERS,
     NETWORK_METHODS,
+    NETWORK_VARIANTS,
     REGIONAL_CLASSIFIERS,
     protocol_pairs,
     split_subjects,
@@ -31,7 +32,7 @@ from lungreg.study import (
 from lungreg.synthetic.settings import SyntheticCohortSettings
 
 SCHEMA = REPO / "config" / "schemas" / "config.schema.yaml"
-WORKFLOW_KEYS = ("enabled", "protocols", "chunks")  # of a baseline section; the rest goes to the method
+WORKFLOW_KEYS = ("enabled", "protocols", "chunks", "subjects")  # of a baseline section; the rest goes to the method
 
 
 def effective(config: dict) -> dict:
@@ -152,7 +153,7 @@ def test_the_rules_take_no_default_of_their_own():
 
 def test_the_schema_lists_what_the_registries_list():
     schema = yaml.safe_load(SCHEMA.read_text())["properties"]
-    assert schema["network"]["properties"]["variants"]["items"]["enum"] == list(NETWORK_METHODS)
+    assert schema["network"]["properties"]["variants"]["items"]["enum"] == list(NETWORK_VARIANTS)
     assert schema["classify"]["properties"]["method"]["enum"] == list(NETWORK_METHODS)
     assert schema["classify"]["properties"]["classifiers"]["items"]["enum"] == [c.name for c in CLASSIFIERS]
     assert list(schema["baselines"]["properties"]) == list(BASELINE_METHODS) == list(OPTIONS)

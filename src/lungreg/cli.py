@@ -79,8 +79,35 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the images are already preprocessed (results/preprocessed/*/*_image.nii.gz)",
     )
+    register.add_argument("--fixed-mask", type=Path, help="fixed lung mask (0/1, on FIXED's grid); needed by --refine")
+    register.add_argument(
+        "--refine",
+        nargs="?",
+        const="default",
+        metavar="SETTINGS.yaml",
+        help="refine the network's outputs for this pair (instance optimisation, lungreg.network.refine): "
+        "the workflow's default refinement, or the `refine:` section of a YAML file (e.g. a config file)",
+    )
     register.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     return parser
+
+
+def refine_settings(option: str | None):
+    """--refine: None (single pass), "default" (the workflow's default) or a YAML file's `refine:`."""
+    from .io import InputError
+    from .network.refine import RefineSettings
+
+    if option is None:
+        return None
+    if option == "default":
+        return RefineSettings()
+    import yaml
+
+    try:
+        section = (yaml.safe_load(Path(option).read_text()) or {}).get("refine", {})
+        return RefineSettings.from_config(section)
+    except (OSError, yaml.YAMLError, ValueError, TypeError) as error:
+        raise InputError(None, option, f"--refine: not a readable refine section ({error})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 arguments.device,
                 arguments.preprocessed,
                 arguments.fixed_landmarks,
+                arguments.fixed_mask,
+                refine_settings(arguments.refine),
             )
         except (InputError, CorruptFileError) as error:
             print(f"lungreg register: error: {error}", file=sys.stderr)

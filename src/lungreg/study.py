@@ -39,19 +39,46 @@ class Method:
     label: str  # in the tables' `name` column and the figures
     kind: str  # identity, network (a trained variant of the network) or baseline (classical)
     affine: bool = True  # network variants: with the linear branch (False: the paper's ablation)
+    network: str | None = None  # a refined row: the trained variant whose outputs it refines
+
+    @property
+    def refined(self) -> bool:
+        return self.network is not None
+
+    @property
+    def model(self) -> str:
+        """The trained network variant a network method runs (its own name, or the refined one's)."""
+        return self.network or self.name
 
 
-# In the order of the tables and figures.
+# In the order of the tables and figures. A network variant is a trained model; its refined row
+# (`<variant>_refined`, lungreg.network.refine) runs that model and refines each pair's outputs.
 METHODS = (
     Method("unregistered", "Unregistered", "identity"),
     Method("proposed", "Proposed", "network"),
+    Method("proposed_refined", "Proposed + refinement", "network", network="proposed"),
     Method("proposed_without_affine", "Proposed w/o affine", "network", affine=False),
+    Method(
+        "proposed_without_affine_refined",
+        "Proposed w/o affine + refinement",
+        "network",
+        affine=False,
+        network="proposed_without_affine",
+    ),
     Method("syn", "SyN (ANTsPy)", "baseline"),
     Method("sitk_bspline", "SimpleITK affine + B-spline", "baseline"),
     Method("sitk_demons", "SimpleITK affine + demons", "baseline"),
 )
 METHOD = {m.name: m for m in METHODS}
 NETWORK_METHODS = tuple(m.name for m in METHODS if m.kind == "network")
+NETWORK_VARIANTS = tuple(m.name for m in METHODS if m.kind == "network" and not m.refined)  # trained models
+
+
+def refined_method(variant: str) -> str:
+    """The refined row of a trained network variant."""
+    return next(m.name for m in METHODS if m.network == variant)
+
+
 BASELINE_METHODS = tuple(m.name for m in METHODS if m.kind == "baseline")
 
 
@@ -76,6 +103,7 @@ class Classifier:
 CLASSIFIERS = (
     Classifier("cnn", "fields"),
     Classifier("logistic", "regional"),
+    Classifier("lda", "regional"),
     Classifier("random_forest", "regional"),
 )
 FIELD_CLASSIFIERS = tuple(c.name for c in CLASSIFIERS if c.features == "fields")

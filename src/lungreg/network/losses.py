@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import settings_from
+from . import transform
 
 
 def _weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -97,6 +98,27 @@ def gradient_penalty(gradients: torch.Tensor, reduction: str = "mean") -> torch.
     return per_pair.mean()
 
 
+def diffusion(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_spacing: float = 1.0) -> torch.Tensor:
+    """Diffusion (membrane) energy: the mean over voxels of sum_a sum_c (du_c / dx_a)^2.
+
+    `displacement_mm`: (N, 3, D, H, W) in mm (`transform.grid_displacement_mm`); forward
+    differences divided by the physical step, `spacing_xyz` ((N, 3) or (3,), mm) times
+    `points_spacing` (the voxels between neighbouring points: 2 at a coarse loss level), so the
+    energy is dimensionless and the same weight means the same smoothness at any resolution.
+    Unlike ||Phi - 1||_1, whose constant pull towards 1 at every voxel makes a field piecewise
+    rigid, it costs rough fields most and carries the boundary's motion into the lung's interior.
+    """
+    spacing = spacing_xyz.to(displacement_mm).reshape(-1, 3) * points_spacing
+    energy = displacement_mm.new_zeros(())
+    for component_axis, dim in ((0, 4), (1, 3), (2, 2)):  # x along W, y along H, z along D
+        if displacement_mm.shape[dim] < 2:
+            continue
+        step = spacing[:, component_axis].reshape(-1, 1, 1, 1, 1)
+        difference = torch.diff(displacement_mm, dim=dim) / step
+        energy = energy + (difference**2).sum(1).mean()
+    return energy
+
+
 @dataclass(frozen=True)
 class LossSettings:
     """The loss (config ``loss:``). `beta` and `mask_weighted` have no default: the paper's values
@@ -108,6 +130,7 @@ class LossSettings:
     alpha: float = 1e-6  # weight of ||A - A_I||_1
     regularizer_reduction: str = "mean"
     mask_margin_voxels: int = 2  # dilate the mask so the lung boundary is inside the weight
+    diffusion: float = 0.0  # weight of the diffusion energy of the displacement (physical units)
 
     @classmethod
     def from_config(cls, section: Mapping) -> "LossSettings":
@@ -122,9 +145,11 @@ def mask_weight(mask: torch.Tensor, margin: int) -> torch.Tensor:
 
 
 def registration_loss(
-    settings: LossSettings, fixed, warped, theta, gradients, fixed_mask=None
+    settings: LossSettings, fixed, warped, theta, gradients, fixed_mask=None, grid=None, spacing=None
 ) -> dict[str, torch.Tensor]:
-    """The paper's loss: similarity + alpha ||A - A_I||_1 + beta ||Phi - Phi_I||_1."""
+    """The paper's loss, similarity + alpha ||A - A_I||_1 + beta ||Phi - Phi_I||_1, plus the
+    diffusion energy of the displacement (`diffusion`) when its weight is positive: it needs the
+    sampling `grid` and the fixed voxel `spacing` (x, y, z mm; (N, 3) or (3,))."""
     if settings.similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {settings.similarity!r}; choose from {sorted(SIMILARITIES)}")
     weight = None
@@ -136,4 +161,11 @@ def registration_loss(
     regularizer = settings.alpha * affine_penalty(theta).to(similarity) + settings.beta * gradient_penalty(
         gradients, settings.regularizer_reduction
     )
+    if settings.diffusion:
+        if grid is None or spacing is None:
+            raise ValueError("the diffusion regulariser needs the sampling grid and the voxel spacing")
+        shape = tuple(grid.shape[1:4])
+        points = transform.identity_grid(shape, grid.shape[0], grid.device, grid.dtype)
+        displacement = transform.grid_displacement_mm(grid, points, shape, spacing)
+        regularizer = regularizer + settings.diffusion * diffusion(displacement, spacing)
     return {"loss": similarity + regularizer, "similarity": similarity, "regularizer": regularizer}

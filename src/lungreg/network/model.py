@@ -58,6 +58,14 @@ class ModelSettings:
         return asdict(self)
 
 
+class NetworkOutputs(NamedTuple):
+    """What the network predicts, before it becomes a transform: the parameters that the per-pair
+    refinement (`lungreg.network.refine`) optimises further under the same construction."""
+
+    logits: torch.Tensor  # (N, 3, D, H, W) full resolution; gradients = logistic_growth(logits) > 0
+    affine_output: torch.Tensor | None  # (N, 3, 4) raw linear-branch output, 0 = identity; None w/o affine
+
+
 class RegistrationOutput(NamedTuple):
     warped: torch.Tensor  # (N, 1, D, H, W) moving image resampled on the fixed grid
     grid: torch.Tensor  # (N, D, H, W, 3) normalised composite sampling grid
@@ -111,11 +119,14 @@ class LinearBranch(nn.Module):
         nn.init.zeros_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def output(self, features: torch.Tensor) -> torch.Tensor:
+        """The raw (N, 3, 4) output (float32), zero for the identity."""
         pooled = F.adaptive_avg_pool3d(features, 1)
         with full_precision(features):
-            output = self.conv(widened(pooled)).view(-1, 3, 4)
-            return affine_from_output(output, self.affine_map)
+            return self.conv(widened(pooled)).view(-1, 3, 4)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return affine_from_output(self.output(features), self.affine_map)
 
 
 def affine_from_output(output: torch.Tensor, affine_map: str = "exponential") -> torch.Tensor:
@@ -174,7 +185,8 @@ class DeformableBranch(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Full-resolution logits (float32) of the spatial gradients."""
         full_size = features.shape[2:]
         x = self.se(features)
         if self.reduce is not None:
@@ -188,7 +200,10 @@ class DeformableBranch(nn.Module):
                 # Upsample the logits, then the activation: any real logit gives a gradient in
                 # (0, maxgrad), so the coarse variant cannot fold either.
                 logits = F.interpolate(logits, size=full_size, mode="trilinear", align_corners=True)
-            return logistic_growth(logits, self.settings.maxgrad)
+            return logits
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return logistic_growth(self.logits(features), self.settings.maxgrad)
 
 
 class RegistrationNet(nn.Module):
@@ -199,13 +214,23 @@ class RegistrationNet(nn.Module):
         self.deformable = DeformableBranch(self.encoder.out_channels, settings)
         self.linear = LinearBranch(self.encoder.out_channels, settings.affine_map) if settings.affine else None
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
+    def outputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> NetworkOutputs:
         features = self.encoder(moving, fixed)
-        gradients = self.deformable(features)
-        theta = self.linear(features) if self.linear is not None else None
-        with full_precision(gradients):
+        affine_output = self.linear.output(features) if self.linear is not None else None
+        return NetworkOutputs(self.deformable.logits(features), affine_output)
+
+    def transform(self, outputs: NetworkOutputs, moving: torch.Tensor) -> RegistrationOutput:
+        """The transform of `outputs` (positive gradients, det A > 0 by construction) and the warp."""
+        with full_precision(outputs.logits):
+            gradients = logistic_growth(outputs.logits, self.settings.maxgrad)
+            theta = None
+            if outputs.affine_output is not None:
+                theta = affine_from_output(outputs.affine_output, self.settings.affine_map)
             grid = transform.sampling_grid(gradients, theta, self.settings.integration)
             return RegistrationOutput(transform.warp(widened(moving), grid), grid, theta, gradients)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
+        return self.transform(self.outputs(moving, fixed), moving)
 
 
 def load_model(checkpoint: dict, device: str | torch.device = "cpu") -> RegistrationNet:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from .. import io, torch_io
 from ..config import settings_from
@@ -42,6 +43,7 @@ class TrainSettings:
     """The training (config ``train:``)."""
 
     epochs: int  # no default: the paper's runs to early stopping, a CPU study's lasts minutes
+    coarse_epochs: int = 0  # the first epochs on 2x average-pooled volumes (coarse to fine; 8x cheaper steps)
     batch_size: int = 2
     learning_rate: float = 1e-3
     plateau_patience: int = 50
@@ -82,8 +84,17 @@ def load_volume(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(array)[None]
 
 
+def coarse(volumes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """(moving, fixed, moving_mask, fixed_mask) at half resolution: images averaged over 2^3
+    blocks, masks the blocks' maximum (a block touching the lung is lung)."""
+    moving, fixed, moving_mask, fixed_mask = volumes
+    pool, top = (lambda t: F.avg_pool3d(t, 2, ceil_mode=True)), (lambda t: F.max_pool3d(t, 2, ceil_mode=True))
+    return [pool(moving), pool(fixed), top(moving_mask), top(fixed_mask)]
+
+
 class PairSet:
-    """All pairs of a set held in memory as (moving, fixed, moving_mask, fixed_mask) stacks.
+    """All pairs of a set held in memory as (moving, fixed, moving_mask, fixed_mask) stacks, and
+    the fixed images' voxel sizes (N, 3; x, y, z mm) for the physical regulariser.
 
     Each distinct file is read once, however many pairs use it.
     """
@@ -99,12 +110,23 @@ class PairSet:
             return cache[path]
 
         self.tensors = [torch.stack([volume(getattr(p, field.name)) for p in pairs]) for field in fields(PairFiles)]
+        self.spacing = torch.tensor([_spacing(p.fixed_image) for p in pairs], dtype=torch.float32)
 
     def __len__(self) -> int:
         return self.tensors[0].shape[0]
 
-    def batch(self, index: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
-        return [t[index].to(device, non_blocking=True) for t in self.tensors]
+    def batch(self, index: torch.Tensor, device: torch.device, half: bool = False) -> tuple[list, torch.Tensor]:
+        """The pairs' volumes on `device` (at half resolution with `half`) and their voxel sizes."""
+        volumes = [t[index].to(device, non_blocking=True) for t in self.tensors]
+        spacing = self.spacing[index].to(device)
+        return (coarse(volumes), 2 * spacing) if half else (volumes, spacing)
+
+
+def _spacing(path: str) -> tuple[float, float, float]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return tuple(float(s) for s in reader.GetSpacing())
 
 
 def fingerprint(*parts: object) -> str:
@@ -127,18 +149,21 @@ def _progress(epoch: int, epochs: int, done: int, total: int, loss: float) -> st
 
 
 @torch.no_grad()
-def validate(model: RegistrationNet, data: PairSet, loss_settings: LossSettings, device, batch_size: int) -> dict:
-    """Validation loss and Dice of the warped moving masks (also the unregistered Dice)."""
+def validate(
+    model: RegistrationNet, data: PairSet, loss_settings: LossSettings, device, batch_size: int, half: bool = False
+) -> dict:
+    """Validation loss and Dice of the warped moving masks (also the unregistered Dice), at the
+    resolution of the epoch (`half`: the coarse epochs')."""
     model.eval()
     losses, dices, unregistered = [], [], []
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(start + batch_size, len(data)))
-        moving, fixed, moving_mask, fixed_mask = data.batch(index, device)
+        (moving, fixed, moving_mask, fixed_mask), spacing = data.batch(index, device, half)
         out = model(moving, fixed)
-        losses.append(
-            float(registration_loss(loss_settings, fixed, out.warped, out.theta, out.gradients, fixed_mask)["loss"])
-            * len(index)
+        loss = registration_loss(
+            loss_settings, fixed, out.warped, out.theta, out.gradients, fixed_mask, out.grid, spacing
         )
+        losses.append(float(loss["loss"]) * len(index))
         warped_mask = warp(moving_mask, out.grid) > 0.5
         for k in range(len(index)):
             dices.append(dice(warped_mask[k].cpu().numpy(), fixed_mask[k].cpu().numpy() > 0.5))
@@ -259,19 +284,28 @@ def train(
     log.info("training on %d pairs, validating on %d, device %s", len(train_data), len(val_data), device)
     model.train()
     for epoch in range(state.epoch + 1, settings.epochs + 1):
-        if state.epochs_without_improvement >= settings.early_stopping_patience:
+        half = epoch <= settings.coarse_epochs
+        if epoch == settings.coarse_epochs + 1 and settings.coarse_epochs:
+            # Full resolution from here: its losses are not comparable with the coarse epochs', so
+            # the best model, early stopping and the plateau schedule start afresh.
+            state.best_loss, state.best_state, state.epochs_without_improvement = math.inf, None, 0
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=settings.plateau_factor, patience=settings.plateau_patience
+            )
+        if state.epochs_without_improvement >= settings.early_stopping_patience and not half:
             break
         started = time.perf_counter()
         order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch))
         batches = order.split(settings.batch_size)
         sums = {"loss": 0.0, "similarity": 0.0, "regularizer": 0.0}
         for number, index in enumerate(batches, start=1):
-            moving, fixed, _, fixed_mask = train_data.batch(index, device)
+            (moving, fixed, _, fixed_mask), spacing = train_data.batch(index, device, half)
             moving, fixed = acceleration.inputs(moving, fixed)
             with acceleration.autocast(device):
                 out = forward(moving, fixed)
+            warped, gradients = out.warped.float(), out.gradients.float()
             losses = registration_loss(
-                loss_settings, fixed, out.warped.float(), out.theta, out.gradients.float(), fixed_mask
+                loss_settings, fixed, warped, out.theta, gradients, fixed_mask, out.grid, spacing
             )
             check_finite(losses, epoch, number)
             optimizer.zero_grad(set_to_none=True)
@@ -281,7 +315,7 @@ def train(
                 sums[name] += float(losses[name].detach()) * len(index)
             if number == len(batches) or number % max(1, len(batches) // 5) == 0:
                 log.info(_progress(epoch, settings.epochs, number, len(batches), float(losses["loss"].detach())))
-        scores = validate(model, val_data, loss_settings, device, settings.batch_size)
+        scores = validate(model, val_data, loss_settings, device, settings.batch_size, half)
         check_finite({"validation loss": torch.tensor(scores["val_loss"])}, epoch, 0)
         scheduler.step(scores["val_loss"])
         if scores["val_loss"] < state.best_loss:
@@ -296,6 +330,7 @@ def train(
                 **{f"train_{k}": v / len(train_data) for k, v in sums.items()},
                 **scores,
                 "lr": optimizer.param_groups[0]["lr"],
+                "resolution": "half" if half else "full",
                 "device": device.type,
                 "seconds": time.perf_counter() - started,
             }

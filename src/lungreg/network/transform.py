@@ -33,6 +33,55 @@ def identity_grid(shape_dhw: tuple[int, int, int], batch: int = 1, device=None, 
     return torch.stack([x, y, z], dim=-1).expand(batch, *shape_dhw, 3)
 
 
+def block_centres(
+    shape_dhw: tuple[int, int, int], level: int, batch: int = 1, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """Normalised points (N, d, h, w, 3) at the centres of the `level`^3 voxel blocks of a grid.
+
+    The points where a coarse loss level is evaluated: `level` 1 is `identity_grid`; at level 2
+    they are the centres of the 2 x 2 x 2 blocks that `avg_pool3d(image, 2, ceil_mode=True)`
+    averages (a last, incomplete block is centred on its last voxel).
+    """
+    if level == 1:
+        return identity_grid(shape_dhw, batch, device, dtype)
+    axes = []
+    for n in shape_dhw:
+        centres = (torch.arange(-(-n // level), device=device, dtype=dtype) * level + (level - 1) / 2).clamp(max=n - 1)
+        axes.append(2 * centres / max(n - 1, 1) - 1)
+    z, y, x = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([x, y, z], dim=-1).expand(batch, *z.shape, 3)
+
+
+def grid_displacement_mm(
+    grid: torch.Tensor, points: torch.Tensor, shape_dhw: tuple[int, int, int], spacing_xyz: torch.Tensor
+) -> torch.Tensor:
+    """The grid's displacement from `points` in mm along the grid axes, (N, 3, d, h, w).
+
+    `grid` holds the images of the normalised `points` of a grid of `shape_dhw` voxels with
+    spacing `spacing_xyz` ((N, 3) or (3,), x, y, z): exact in mm when the moving image shares the
+    fixed grid (both phases of a subject do); for other pairs, in moving voxels of the fixed
+    size. Regularisers use it: its spatial derivatives are the physical ones up to the grid's
+    direction (a rotation, which leaves their norms unchanged).
+    """
+    half_extent = torch.tensor([(n - 1) / 2 for n in shape_dhw[::-1]], device=grid.device, dtype=grid.dtype)
+    spacing = spacing_xyz.to(grid.device, grid.dtype).reshape(-1, 1, 1, 1, 3)
+    return ((grid - points) * half_extent * spacing).permute(0, 4, 1, 2, 3)
+
+
+def jacobian_determinant_fd(grid: torch.Tensor) -> torch.Tensor:
+    """det of the finite-difference Jacobian of a sampling grid w.r.t. the voxel index, (N, D, H, W).
+
+    The same differences as `metrics.jacobian_determinant` (numpy.gradient: central inside, one-
+    sided at the border) of the exported field: the physical field is an affine image of the grid,
+    so its determinant is this one times det(moving index-to-world) / det(fixed index-to-world),
+    which is 1 for a subject's two phases and positive for any two grids of like orientation.
+    """
+    shape_dhw = grid.shape[1:4]
+    index = grid * torch.tensor([(n - 1) / 2 for n in shape_dhw[::-1]], device=grid.device, dtype=grid.dtype)
+    columns = [torch.gradient(index, dim=dim)[0] for dim in (3, 2, 1)]  # d/dx, d/dy, d/dz
+    return torch.linalg.det(torch.stack(columns, dim=-1))
+
+
 def axial_displacements(gradients: torch.Tensor) -> torch.Tensor:
     """Cumulative sums of the spatial gradients along their own axes, minus the identity.
 

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from .. import io
 from ..evaluate import LANDMARK_COLUMNS, Phase, evaluate_pair, load_phase, warp_image, warp_mask
 from ..network.model import Acceleration
+from ..network.refine import RefineSettings
 from ..network.transform import displacement_image
 from ..study import METHOD, Pair, PreprocessedLayout
 from .base import IdentityRegistrar, LoadedPair, Registrar, RegistrationResult
@@ -133,10 +134,12 @@ def build_registrar(
     inference: Mapping | None = None,
     model_path: str | None = None,
     baseline_options: Mapping | None = None,
+    refine: Mapping | None = None,
 ) -> Registrar:
     """The registrar of a method name as used in the workflow's paths and tables (`study.METHODS`).
 
-    `inference`: the workflow's `inference:` section (a network's device, batch size, acceleration).
+    `inference`: the workflow's `inference:` section (a network's device, batch size, acceleration);
+    `refine`: its `refine:` section, used by the refined rows of the network.
     """
     kind = METHOD[method].kind if method in METHOD else None
     if kind == "identity":
@@ -150,6 +153,7 @@ def build_registrar(
             threads,
             acceleration=Acceleration.from_config(inference),
             prefetch=inference["prefetch"],
+            refine=RefineSettings.from_config(refine) if METHOD[method].refined else None,
         )
     return build_baseline(method, baseline_options or {}, threads)  # refuses a method it does not know
 
@@ -167,12 +171,13 @@ def register_chunk_job(
     metrics: str,
     landmarks: str,
     baseline_options: Mapping | None = None,
+    refine: Mapping | None = None,
 ) -> pd.DataFrame:
     """One chunk job of the workflow: build the method's registrar and run the chunk.
 
     `options`: the workflow's `inference:` section (which pairs get their files: `save_fields`).
     """
-    registrar = build_registrar(method, threads, options, model_path, baseline_options)
+    registrar = build_registrar(method, threads, options, model_path, baseline_options, refine)
     pairs = [Pair(r["moving_subject"], r["moving_phase"], r["fixed_subject"], r["fixed_phase"]) for r in pair_rows]
     truths = {subject: io.read_intermediate_image(path) for subject, path in truth.items()}
     return run_chunk(

@@ -14,7 +14,8 @@ import torch
 from .. import torch_io
 from ..evaluate import Phase
 from ..network.device import choose_device
-from ..network.model import Acceleration, load_model
+from ..network.model import Acceleration, RegistrationOutput, load_model
+from ..network.refine import RefineReport, RefineSettings, refine
 from ..network.transform import affine_to_physical, grid_to_displacement
 from .base import LoadedPair, RegistrationResult
 
@@ -30,6 +31,7 @@ class _InFlight:
     theta: torch.Tensor | None
     seconds: float = 0.0  # CPU: measured; CUDA: from the events once done
     events: tuple | None = None  # CUDA: (start, end, done)
+    report: RefineReport | None = None  # the refinement's, per pair
 
 
 class NetworkRegistrar:
@@ -44,6 +46,10 @@ class NetworkRegistrar:
     With compile or cudnn_benchmark, the first batch of each input shape also runs once
     untimed (compilation, autotuning), and a short last batch is padded to the batch size so
     that a compiled network never sees a second shape.
+
+    With `refine` (lungreg.network.refine; a method's refined row), each batch's outputs are
+    refined on the same device after the forward pass, inside the timed region, and the
+    refinement's report becomes table columns (refine_steps, refine_objective_initial/_final).
     """
 
     # Defaults as class attributes: a registrar built around a bare model (tests) runs plainly.
@@ -52,6 +58,7 @@ class NetworkRegistrar:
     batch_size = 1
     _runner = None
     _copy_stream = None
+    refine = None
 
     def __init__(
         self,
@@ -63,6 +70,7 @@ class NetworkRegistrar:
         bf16: bool = False,
         acceleration: Acceleration | None = None,
         prefetch: bool = True,
+        refine: RefineSettings | None = None,
     ):
         self.name, self.batch_size, self.threads = name, batch_size, threads
         self.torch_device = choose_device(device)
@@ -72,6 +80,7 @@ class NetworkRegistrar:
         self.model = load_model(checkpoint, "cpu")
         self._runner = self.acceleration.prepare(self.model, self.torch_device)
         self.prefetch = prefetch
+        self.refine = refine if refine is not None and refine.steps > 0 else None
         if prefetch and self.torch_device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.torch_device)
         self._warm: set[tuple] = set()
@@ -80,12 +89,20 @@ class NetworkRegistrar:
     def cuda(self) -> bool:
         return self.torch_device.type == "cuda"
 
-    def _host(self, phases: list[Phase]) -> torch.Tensor:
+    def _host(self, phases: list[Phase], volume=lambda phase: phase.array) -> torch.Tensor:
         """(N, 1, D, H, W) float32 on the host; pinned on CUDA, so the copy can be asynchronous."""
         if self.acceleration.compile and len(phases) < self.batch_size:
             phases = phases + [phases[-1]] * (self.batch_size - len(phases))
-        tensor = torch.from_numpy(np.stack([np.asarray(p.array, dtype=np.float32) for p in phases])[:, None])
+        tensor = torch.from_numpy(np.stack([np.asarray(volume(p), dtype=np.float32) for p in phases])[:, None])
         return tensor.pin_memory() if self.cuda else tensor
+
+    def _predict(self, runner, moving, fixed, fixed_mask, spacing) -> tuple[RegistrationOutput, RefineReport | None]:
+        """The forward pass, and the refinement of its outputs when this registrar refines."""
+        with self.acceleration.autocast(self.torch_device):
+            if self.refine is None:
+                return runner(moving, fixed), None
+            outputs = self.model.outputs(moving, fixed)
+        return refine(self.model, outputs, moving.float(), fixed.float(), fixed_mask, spacing, self.refine)
 
     def _to_device(self, *host: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
         """Host -> device copies: on the side stream with prefetch (an event says when they are
@@ -111,31 +128,36 @@ class NetworkRegistrar:
     def _launch(self, batch: list[LoadedPair]) -> _InFlight:
         """Queue (CUDA) or run (CPU) the forward pass of a batch; results come from `_finish`."""
         runner = self._runner or self.model
-        host = (self._host([p.moving for p in batch]), self._host([p.fixed for p in batch]))
-        (moving, fixed), copied = self._to_device(*host)
+        fixed_phases = [p.fixed for p in batch]
+        host = [self._host([p.moving for p in batch]), self._host(fixed_phases)]
+        if self.refine is not None:
+            host.append(self._host(fixed_phases, lambda phase: phase.mask))
+        (moving, fixed, *mask), copied = self._to_device(*host)
         if copied is not None:
             stream = torch.cuda.current_stream(self.torch_device)
             stream.wait_event(copied)
-            for tensor in (moving, fixed):  # allocated on the side stream, used on this one
+            for tensor in (moving, fixed, *mask):  # allocated on the side stream, used on this one
                 tensor.record_stream(stream)
+        fixed_mask = mask[0] if mask else None
+        spacing = torch.tensor([phase.grid.spacing for phase in fixed_phases], device=fixed.device)
+        if len(spacing) < len(fixed):  # padded for a compiled network
+            spacing = torch.cat([spacing, spacing[-1:].expand(len(fixed) - len(spacing), 3)])
         moving, fixed = self.acceleration.inputs(moving, fixed)
         self._warm_up(moving, fixed)
         n = len(batch)
         if not self.cuda:
             started = time.perf_counter()
-            with self.acceleration.autocast(self.torch_device):
-                out = runner(moving, fixed)
+            out, report = self._predict(runner, moving, fixed, fixed_mask, spacing)
             seconds = (time.perf_counter() - started) / n
             theta = None if out.theta is None else out.theta[:n]
-            return _InFlight(batch, (), out.grid[:n], out.warped[:n], theta, seconds)
+            return _InFlight(batch, (), out.grid[:n], out.warped[:n], theta, seconds, report=report)
         start, end, done = (
             torch.cuda.Event(enable_timing=True),
             torch.cuda.Event(enable_timing=True),
             torch.cuda.Event(),
         )
         start.record()
-        with self.acceleration.autocast(self.torch_device):
-            out = runner(moving, fixed)
+        out, report = self._predict(runner, moving, fixed, fixed_mask, spacing)
         end.record()
         copies = []
         for tensor in (out.grid[:n], out.warped[:n], None if out.theta is None else out.theta[:n]):
@@ -146,7 +168,7 @@ class NetworkRegistrar:
             pinned.copy_(tensor, non_blocking=True)
             copies.append(pinned)
         done.record()
-        return _InFlight(batch, (host, moving, fixed, out), *copies, events=(start, end, done))
+        return _InFlight(batch, (host, moving, fixed, out), *copies, events=(start, end, done), report=report)
 
     def _finish(self, flight: _InFlight) -> list[RegistrationResult]:
         seconds = flight.seconds
@@ -163,7 +185,9 @@ class NetworkRegistrar:
                 None if flight.theta is None else affine_to_physical(flight.theta[k].double().numpy(), fixed, moving)
             )
             image = fixed.apply_to(sitk.GetImageFromArray(warped[k, 0]))
-            results.append(RegistrationResult(grid_to_displacement(grids[k], fixed, moving), seconds, affine, image))
+            notes = {} if flight.report is None else flight.report.notes(k)
+            displacement = grid_to_displacement(grids[k], fixed, moving)
+            results.append(RegistrationResult(displacement, seconds, affine, image, notes))
         return results
 
     def register(self, batch: list[LoadedPair]) -> list[RegistrationResult]:

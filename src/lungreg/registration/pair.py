@@ -22,6 +22,7 @@ from ..evaluate import Phase
 from ..geometry import Grid, resample
 from ..io import InputError
 from ..metrics import map_points
+from ..network.refine import RefineSettings
 from ..network.transform import displacement_transform
 from ..preprocess import PreprocessSettings, onto_common_grid
 from ..study import Pair, other_phase
@@ -46,6 +47,7 @@ class Inputs:
     fixed: sitk.Image
     moving: sitk.Image
     moving_mask: sitk.Image | None = None
+    fixed_mask: sitk.Image | None = None
     fixed_landmarks: np.ndarray | None = None  # (n, 3) mm, LPS
     landmark_names: list[str] | None = None
 
@@ -67,17 +69,26 @@ def _read_checked(path: Path) -> sitk.Image:
     return image
 
 
+def _read_mask(path: Path, image_path: Path, image: sitk.Image) -> sitk.Image:
+    mask = io.read_image(path)
+    manifest.check_mask(None, path, mask)
+    manifest.check_mask_grid(None, path, Grid.of(mask), image_path, Grid.of(image))
+    return mask
+
+
 def _read_inputs(
-    fixed_path: Path, moving_path: Path, moving_mask_path: Path | None, fixed_landmarks_path: Path | None
+    fixed_path: Path,
+    moving_path: Path,
+    moving_mask_path: Path | None,
+    fixed_landmarks_path: Path | None,
+    fixed_mask_path: Path | None = None,
 ) -> Inputs:
-    """Both images, the moving mask (on the moving image's grid) and the fixed landmarks, checked."""
+    """Both images, their masks (each on its image's grid) and the fixed landmarks, checked."""
     inputs = Inputs(_read_checked(fixed_path), _read_checked(moving_path))
     if moving_mask_path:
-        inputs.moving_mask = io.read_image(moving_mask_path)
-        manifest.check_mask(None, moving_mask_path, inputs.moving_mask)
-        manifest.check_mask_grid(
-            None, moving_mask_path, Grid.of(inputs.moving_mask), moving_path, Grid.of(inputs.moving)
-        )
+        inputs.moving_mask = _read_mask(moving_mask_path, moving_path, inputs.moving)
+    if fixed_mask_path:
+        inputs.fixed_mask = _read_mask(fixed_mask_path, fixed_path, inputs.fixed)
     if fixed_landmarks_path:
         inputs.fixed_landmarks = io.read_landmarks(fixed_landmarks_path)
         inputs.landmark_names = io.read_landmark_names(fixed_landmarks_path)
@@ -131,25 +142,26 @@ def _loaded_pair(inputs: Inputs, settings: PreprocessSettings, preprocessed: boo
         _check_preprocessed(originals, settings)
         images = {role: sitk.Cast(image, sitk.sitkFloat32) for role, image in originals.items()}
         grids = {role: Grid.of(image) for role, image in images.items()}
-        moving_mask = inputs.moving_mask
+        moving_mask, fixed_mask = inputs.moving_mask, inputs.fixed_mask
     else:
         fixed_phase = settings.reference_phase
         moving_phase = other_phase(fixed_phase)
         grid, by_phase, masks = onto_common_grid(
             {fixed_phase: inputs.fixed, moving_phase: inputs.moving},
-            {fixed_phase: None, moving_phase: inputs.moving_mask},
+            {fixed_phase: inputs.fixed_mask, moving_phase: inputs.moving_mask},
             settings,
         )
         images = {"fixed": by_phase[fixed_phase], "moving": by_phase[moving_phase]}
         grids = {"fixed": grid, "moving": grid}
-        moving_mask = masks[moving_phase]
+        moving_mask, fixed_mask = masks[moving_phase], masks[fixed_phase]
     no_landmarks = pd.DataFrame(columns=["landmark", "x", "y", "z", "in_view"])
     phases = {
         role: Phase(images[role], np.zeros(grids[role].shape, bool), grids[role], no_landmarks)
         for role in ("fixed", "moving")
     }
-    if moving_mask is not None:
-        phases["moving"].mask = sitk.GetArrayFromImage(moving_mask) > 0
+    for role, mask in (("moving", moving_mask), ("fixed", fixed_mask)):
+        if mask is not None:
+            phases[role].mask = sitk.GetArrayFromImage(mask) > 0
     return LoadedPair(Pair("moving", "moving", "fixed", "fixed"), phases["fixed"], phases["moving"])
 
 
@@ -199,15 +211,22 @@ def register_pair(
     device: str = "auto",
     preprocessed: bool = False,
     fixed_landmarks_path: Path | None = None,
+    fixed_mask_path: Path | None = None,
+    refine: RefineSettings | None = None,
 ) -> dict[str, Path]:
     """Preprocess both images as the model's workflow did, register, write the outputs.
 
+    With `refine`, the network's outputs are refined for this pair (lungreg.network.refine); its
+    similarity is weighted by the fixed lung mask, so `fixed_mask_path` is then required.
     Every input is read and checked before the network runs; problems raise io.InputError.
     Returns {file name: path} of what was written.
     """
     _check_device(device)
-    inputs = _read_inputs(fixed_path, moving_path, moving_mask_path, fixed_landmarks_path)
+    if refine is not None and refine.steps and not fixed_mask_path:
+        raise InputError(None, None, "--refine needs --fixed-mask (its similarity is weighted by the fixed lung)")
+    inputs = _read_inputs(fixed_path, moving_path, moving_mask_path, fixed_landmarks_path, fixed_mask_path)
     settings = _preprocess_settings(model_path)
     item = _loaded_pair(inputs, settings, preprocessed)
-    result = NetworkRegistrar("proposed", model_path, device=device, batch_size=1).register([item])[0]
+    registrar = NetworkRegistrar("proposed", model_path, device=device, batch_size=1, refine=refine)
+    result = registrar.register([item])[0]
     return _write_outputs(out, item, result, inputs, preprocessed)
