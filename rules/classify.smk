@@ -1,6 +1,9 @@
 # ILD classification (healthy vs ILD) from the residual deformation of each labelled subject's own
-# inhale-exhale registration by the network: stratified k-fold at patient level, one job per
-# (classifier, fold), a shallow 3D CNN and a scikit-learn baseline on the same folds.
+# inhale-exhale registration: repeated stratified k-fold at patient level (the same folds for
+# every field source and classifier), one job per (source, classifier, repeat) or per fold of it
+# (classify: jobs), a shallow 3D CNN and scikit-learn classifiers of regional statistics. Every
+# source (classify: method and sources) gets its own summary; results/tables/classification.tsv
+# is the method's, classification_sources.tsv compares the sources beside their end-point error.
 
 
 rule classify_folds:
@@ -16,6 +19,7 @@ rule classify_folds:
     params:
         cohort=CLASSIFY_LABELLED,
         folds=CLASSIFY_FOLDS,
+        repeats=CLASSIFY_REPEATS,
         seed=CLASSIFY["seed"],
     script:
         "../scripts/classify_folds.py"
@@ -23,45 +27,43 @@ rule classify_folds:
 
 rule classify_features:
     input:
-        chunks=classify_chunks,
+        fields=classify_field_inputs,
         masks=classify_mask_files,
     output:
-        fields=f"{CLASSIFICATION}/features/fields.pt",
-        table=f"{CLASSIFICATION}/features/regional_features.tsv",
+        fields=f"{SOURCE}/features/fields.pt",
+        table=f"{SOURCE}/features/regional_features.tsv",
     log:
-        log_path("classify/features"),
+        log_path("classify/{source}/features"),
     benchmark:
-        benchmark_path("classify/features")
+        benchmark_path("classify/{source}/features")
     conda:
         "../envs/torch.yaml"
     params:
-        fields=classify_field_paths(),
+        fields=classify_field_paths,
         masks=classify_mask_paths(),
         masked=CLASSIFY["masked"],
     script:
         "../scripts/classify_features.py"
 
 
-# One fold job: the classifier trains on the other folds and predicts this one. The classifiers of
-# the regional statistics (scikit-learn) here; the CNN on the fields below, a GPU job.
 rule classify_sklearn:
     input:
         folds=rules.classify_folds.output[0],
         features=rules.classify_features.output.table,
     output:
-        predictions=f"{FOLD}/predictions.tsv",
-        model=f"{FOLD}/classifier.pt",
+        predictions=f"{PART}/predictions.tsv",
+        model=f"{PART}/classifier.pt",
     log:
-        log_path("classify/{classifier}_fold-{fold}"),
+        log_path("classify/{source}/{classifier}_{part}"),
     benchmark:
-        benchmark_path("classify/{classifier}_fold-{fold}")
+        benchmark_path("classify/{source}/{classifier}_{part}")
     wildcard_constraints:
         classifier=alternatives(study.REGIONAL_CLASSIFIERS),
-        fold=r"\d+",
     conda:
         "../envs/torch.yaml"
     threads: 1
     params:
+        folds=part_items,
         options=classifier_options,
         seed=CLASSIFY["seed"],
     script:
@@ -74,7 +76,6 @@ use rule classify_sklearn as classify_cnn with:
         features=rules.classify_features.output.fields,
     wildcard_constraints:
         classifier=alternatives(study.FIELD_CLASSIFIERS),
-        fold=r"\d+",
     threads: CLASSIFY["threads"]
     resources:
         gpu=1,
@@ -82,27 +83,58 @@ use rule classify_sklearn as classify_cnn with:
 
 rule classify_summary:
     input:
-        **classify_fold_predictions(),
+        unpack(classify_part_predictions),
+    output:
+        table=f"{SOURCE}/classification.tsv",
+        predictions=f"{SOURCE}/predictions.tsv",
+        roc=report(
+            f"{SOURCE}/roc.png",
+            caption="../report/roc.rst",
+            category="Classification",
+            labels={"field source": "{source}"},
+        ),
+    log:
+        log_path("classify/{source}/summary"),
+    benchmark:
+        benchmark_path("classify/{source}/summary")
+    localrule: True  # seconds of work: on a cluster, not worth a job
+    conda:
+        "../envs/torch.yaml"
+    params:
+        classifiers=CLASSIFY_CLASSIFIERS,
+        resamples=CLASSIFY["bootstrap_resamples"],
+        permutations=CLASSIFY["permutations"],
+        seed=CLASSIFY["seed"],
+    script:
+        "../scripts/classify_summary.py"
+
+
+rule classification_tables:
+    input:
+        unpack(classify_source_summaries),
+        pairs=table_path("pairs"),
     output:
         table=report(
             table_path("classification"),
             caption="../report/tables/classification.rst",
             category="Tables",
         ),
-        predictions=f"{CLASSIFICATION}/predictions.tsv",
-        roc=report(
-            f"{CLASSIFICATION}/roc.png",
-            caption="../report/roc.rst",
-            category="Classification",
+        sources=report(
+            table_path("classification_sources"),
+            caption="../report/tables/classification_sources.rst",
+            category="Tables",
         ),
     log:
-        log_path("classify/summary"),
+        log_path("classify/tables"),
     benchmark:
-        benchmark_path("classify/summary")
+        benchmark_path("classify/tables")
     localrule: True  # seconds of work: on a cluster, not worth a job
     conda:
         "../envs/torch.yaml"
     params:
-        classifiers=CLASSIFY_CLASSIFIERS,
+        method=CLASSIFY_METHOD,
+        sources=CLASSIFY_SOURCES,
+        labelled=CLASSIFY_LABELLED["subject"].tolist(),
+        synthetic=SYNTHETIC_COHORT,
     script:
-        "../scripts/classify_summary.py"
+        "../scripts/classification_tables.py"

@@ -4,4 +4,6 @@ from lungreg.classify.folds import write_folds
 from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):
-    write_folds(snakemake.params.cohort, snakemake.params.folds, snakemake.params.seed, snakemake.output[0])
+    write_folds(
+        snakemake.params.cohort, snakemake.params.folds, snakemake.params.seed, snakemake.output[0], snakemake.params.repeats
+    )

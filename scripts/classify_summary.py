@@ -1,4 +1,4 @@
-"""Summarise the out-of-fold predictions: classification table, pooled predictions, ROC figure."""
+"""Summarise one field source's out-of-fold predictions: table with intervals, pooled predictions, ROC figure."""
 
 from lungreg.classify.summary import summarize
 from lungreg.workflow import log_to
@@ -9,4 +9,7 @@ with log_to(snakemake.log[0]):
         snakemake.output.table,
         snakemake.output.predictions,
         snakemake.output.roc,
+        snakemake.params.resamples,
+        snakemake.params.permutations,
+        snakemake.params.seed,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
@@ -12,17 +13,25 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..study import REGIONAL_CLASSIFIERS
+from .features import feature_columns
 
 
 def sklearn_classifier(name: str, options: Mapping[str, Any] | None, seed: int):
     """A fresh, unfitted scikit-learn pipeline; every preprocessing step lives inside it.
 
     logistic: median imputation, StandardScaler, L2 LogisticRegression (class_weight balanced
-    unless ``class_weighted: false``); random_forest: imputation and a RandomForestClassifier.
-    Other options go to the estimator (e.g. ``C``, ``n_estimators``).
+    unless ``class_weighted: false``); lda: imputation, StandardScaler and a linear discriminant
+    with Ledoit-Wolf shrinkage of the covariance (strong on a few dozen subjects; priors equal
+    when class-weighted); random_forest: imputation and a RandomForestClassifier. Other options
+    go to the estimator (e.g. ``C``, ``n_estimators``); ``features`` is read by the fold job.
     """
     options = dict(options or {})
+    options.pop("features", None)
     weight = "balanced" if options.pop("class_weighted", True) else None
+    if name == "lda":
+        priors = [0.5, 0.5] if weight else None
+        estimator = LinearDiscriminantAnalysis(**{"solver": "lsqr", "shrinkage": "auto", "priors": priors, **options})
+        return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), estimator)
     if name == "logistic":
         estimator = LogisticRegression(**{"C": 1.0, "max_iter": 5000, "class_weight": weight, **options})
         return make_pipeline(SimpleImputer(strategy="median"), StandardScaler(), estimator)
@@ -39,6 +48,11 @@ def sklearn_classifier(name: str, options: Mapping[str, Any] | None, seed: int):
         )
         return make_pipeline(SimpleImputer(strategy="median"), estimator)
     raise ValueError(f"unknown scikit-learn classifier {name!r}; expected one of {REGIONAL_CLASSIFIERS}")
+
+
+def selected_columns(columns, options: Mapping[str, Any] | None) -> list[str]:
+    """The feature-table columns a classifier reads (its ``features`` option, default all)."""
+    return feature_columns(columns, (options or {}).get("features", "all"))
 
 
 def fit_predict_sklearn(
