@@ -97,6 +97,7 @@ PROTOCOLS = config["inference"]["protocols"]
 PAIRS = {protocol: study.protocol_pairs(protocol, COHORT, FIXED_PHASE) for protocol in study.PROTOCOLS}
 BASELINES = [m for m, options in config["baselines"].items() if options["enabled"]]
 BASELINE_KEYS = ("enabled", "protocols", "chunks", "subjects")  # workflow keys; the rest goes to the method
+REFINE_KEYS = ("protocols",)  # workflow keys of refine:; the rest is lungreg.network.refine.RefineSettings
 
 
 def alternatives(values):
@@ -111,7 +112,7 @@ wildcard_constraints:
     variant=alternatives(study.NETWORK_VARIANTS),
     method=alternatives([m.name for m in study.METHODS]),
     chunk=r"\d+",
-    source=alternatives([m.name for m in study.METHODS] + ["ground_truth"]),
+    source=alternatives(study.FIELD_SOURCES),
     classifier=alternatives([c.name for c in study.CLASSIFIERS]),
     part=r"repeat-\d+(_fold-\d+)?",
 
@@ -252,7 +253,9 @@ def network_model(wildcards):
 
 def refine_section(wildcards):
     """The refinement's settings, for the refined rows only (so that changing them reruns only those)."""
-    return config["refine"] if study.METHOD[wildcards.method].refined else {}
+    if not study.METHOD[wildcards.method].refined:
+        return {}
+    return {k: v for k, v in config["refine"].items() if k not in REFINE_KEYS}
 
 
 def chunk_pair_rows(wildcards):
@@ -262,6 +265,7 @@ def chunk_pair_rows(wildcards):
 def method_protocols():
     """(method, protocol) for every registration the configuration asks for."""
     chosen = [(m, p) for m in ["unregistered", *NETWORK_ROWS] for p in PROTOCOLS]
+    chosen = [(m, p) for m, p in chosen if not study.METHOD[m].refined or p in config["refine"]["protocols"]]
     chosen += [(m, p) for m in BASELINES for p in config["baselines"][m]["protocols"]]
     return chosen
 
@@ -284,7 +288,7 @@ CLASSIFY_FOLDS = CLASSIFY["folds"]
 CLASSIFY_REPEATS = CLASSIFY["repeats"]
 CLASSIFY_CLASSIFIERS = CLASSIFY["classifiers"]
 CLASSIFY_LABELLED = study.labelled_subjects(COHORT)
-GROUND_TRUTH = "ground_truth"  # the synthetic cohort's exact fields, as a field source
+GROUND_TRUTH = study.GROUND_TRUTH
 
 
 def source_problem(source):

@@ -5,5 +5,9 @@ from lungreg.workflow import log_to
 
 with log_to(snakemake.log[0]):
     write_folds(
-        snakemake.params.cohort, snakemake.params.folds, snakemake.params.seed, snakemake.output[0], snakemake.params.repeats
+        snakemake.params.cohort,
+        snakemake.params.folds,
+        snakemake.params.seed,
+        snakemake.output[0],
+        snakemake.params.repeats,
     )

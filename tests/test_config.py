@@ -16,6 +16,7 @@ from lungreg.classify.tabular import sklearn_classifier
 from lungreg.config import settings_from
 from lungreg.network.losses import LossSettings
 from lungreg.network.model import Acceleration, ModelSettings
+from lungreg.network.refine import RefineSettings
 from lungreg.network.train import TrainSettings
 from lungreg.preprocess import PreprocessSettings
 from lungreg.registration.baselines.registrar import OPTIONS, resolve_options
@@ -23,7 +24,7 @@ from lungreg.registration.network import NetworkRegistrar
 from lungreg.study import (
     BASELINE_METHODS,
     CLASSIFIERS,
-    NETWORK_METHODS,
+    FIELD_SOURCES,
     NETWORK_VARIANTS,
     REGIONAL_CLASSIFIERS,
     protocol_pairs,
@@ -44,6 +45,16 @@ def effective(config: dict) -> dict:
 @pytest.fixture(scope="module")
 def config() -> dict:
     return effective(yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+
+
+@pytest.fixture(scope="module")
+def schema_defaults() -> dict:
+    """config.yaml less the study's choices of keys the library has a default for: what the schema
+    fills in is then every default (config.yaml keeps only the keys without one)."""
+    study = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for section, cls in (("model", ModelSettings), ("loss", LossSettings), ("train", TrainSettings)):
+        study[section] = {k: v for k, v in study[section].items() if k not in library_defaults(cls)}
+    return effective(study)
 
 
 def library_defaults(cls) -> dict:
@@ -68,7 +79,8 @@ def assert_library_agrees(cls, section: dict, given: dict | None = None) -> None
     assert not differing, f"{cls.__name__}: library default != workflow default: {differing}"
 
 
-def test_the_library_keeps_no_default_the_schema_does_not_have(config):
+def test_the_library_keeps_no_default_the_schema_does_not_have(schema_defaults):
+    config = schema_defaults
     assert SyntheticCohortSettings.from_config(config["synthetic"]) == SyntheticCohortSettings()
     assert_library_agrees(PreprocessSettings, config["preprocess"], {"reference_phase": config["pairs"]["fixed_phase"]})
     assert library_defaults(PreprocessSettings)["reference_phase"] == config["pairs"]["fixed_phase"]
@@ -76,6 +88,8 @@ def test_the_library_keeps_no_default_the_schema_does_not_have(config):
     assert_library_agrees(LossSettings, config["loss"])
     assert_library_agrees(TrainSettings, config["train"])
     assert_library_agrees(CnnSettings, config["classify"]["cnn"])
+    refine = {k: v for k, v in config["refine"].items() if k != "protocols"}  # protocols: a workflow key
+    assert RefineSettings.from_config(refine) == RefineSettings()  # the stages too
     for section in ("train", "inference"):
         assert Acceleration.from_config(config[section]) == Acceleration()
     for method, options in OPTIONS.items():
@@ -154,6 +168,6 @@ def test_the_rules_take_no_default_of_their_own():
 def test_the_schema_lists_what_the_registries_list():
     schema = yaml.safe_load(SCHEMA.read_text())["properties"]
     assert schema["network"]["properties"]["variants"]["items"]["enum"] == list(NETWORK_VARIANTS)
-    assert schema["classify"]["properties"]["method"]["enum"] == list(NETWORK_METHODS)
+    assert schema["classify"]["properties"]["method"]["enum"] == list(FIELD_SOURCES)
     assert schema["classify"]["properties"]["classifiers"]["items"]["enum"] == [c.name for c in CLASSIFIERS]
     assert list(schema["baselines"]["properties"]) == list(BASELINE_METHODS) == list(OPTIONS)

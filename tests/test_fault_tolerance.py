@@ -305,58 +305,63 @@ def test_registration_killed_midway_leaves_no_finished_looking_output_and_reruns
     assert_same_tables(workdir, tiny_study, TABLE_TARGETS + [f"{chunk_outputs(*c)[1]}" for c in chunks])
 
 
-def fold_outputs(classifier: str, fold: int) -> list[str]:
-    base = f"results/classification/{classifier}/fold-{fold}"
+CLASSIFY_SOURCE = "results/classification/proposed_refined"  # the tiny study's classify.method
+
+
+def part_outputs(classifier: str, part: str) -> list[str]:
+    base = f"{CLASSIFY_SOURCE}/{classifier}/{part}"
     return [f"{base}/predictions.tsv", f"{base}/classifier.pt"]
 
 
 @pytest.mark.workflow
-def test_classifier_fold_killed_midway_reruns_only_the_missing_folds(tiny_study, tmp_path):
-    folds = [("cnn", 1), ("cnn", 3), ("logistic", 0), ("logistic", 4)]
+def test_classifier_job_killed_midway_reruns_only_the_missing_jobs(tiny_study, tmp_path):
+    parts = [("cnn", "repeat-0"), ("cnn", "repeat-1"), ("logistic", "repeat-0"), ("logistic", "repeat-1")]
+    summary = [f"{CLASSIFY_SOURCE}/{name}" for name in ("classification.tsv", "predictions.tsv", "roc.png")]
     workdir = copy_study(
         tiny_study,
         tmp_path / "study",
         [
             CLASSIFICATION_TARGET,
-            "results/classification/predictions.tsv",
-            "results/classification/roc.png",
-            *(p for f in folds for p in fold_outputs(*f)),
-            *(f"results/logs/classify/{c}_fold-{k}.log" for c, k in folds),
+            "results/tables/classification_sources.tsv",
+            *summary,
+            *(p for f in parts for p in part_outputs(*f)),
+            *(f"results/logs/classify/proposed_refined/{c}_{part}.log" for c, part in parts),
         ],
     )
 
     def states():
         marked = incomplete_outputs(workdir)
-        done = [f for f in folds if all((workdir / p).exists() and p not in marked for p in fold_outputs(*f))]
-        running = [f for f in folds if any(p in marked for p in fold_outputs(*f))]
+        done = [f for f in parts if all((workdir / p).exists() and p not in marked for p in part_outputs(*f))]
+        running = [f for f in parts if any(p in marked for p in part_outputs(*f))]
         return done, running, marked
 
     run = Run(workdir, [CLASSIFICATION_TARGET])
-    run.wait_for(lambda: all(states()[:2]), "a finished fold and a running fold")
+    run.wait_for(lambda: all(states()[:2]), "a finished classifier job and a running one")
     run.kill()
     done, killed, marked = states()
     assert done and killed, f"killed at the wrong time: done {done}, killed {killed}"
-    for fold in killed:
-        for path in fold_outputs(*fold):
+    for part in killed:
+        for path in part_outputs(*part):
             if (workdir / path).exists():
                 assert path in marked, f"{path} of the killed job is not marked incomplete"
     assert not visible_temporary_files(workdir / "results")
-    missing = [f for f in folds if f not in done]
+    missing = [f for f in parts if f not in done]
 
     plan = rerun_after_kill(workdir, [CLASSIFICATION_TARGET], dry_run=True)
     counts = job_counts(plan.stdout)
-    assert set(counts) <= {"classify_cnn", "classify_sklearn", "classify_summary", "total"}, counts
+    expected = {"classify_cnn", "classify_sklearn", "classify_summary", "classification_tables", "total"}
+    assert set(counts) <= expected, counts
     planned = {
-        (w["classifier"], int(w["fold"]))
+        (w["classifier"], w["part"])
         for rule, w in scheduled_jobs(plan.stdout)
-        if rule.startswith("classify_") and "fold" in w
+        if rule in ("classify_cnn", "classify_sklearn")
     }
     assert planned == set(missing) and counts.get("classify_summary") == 1, (planned, counts)
 
-    finished = {f: (workdir / fold_outputs(*f)[0]).stat().st_mtime_ns for f in done}
+    finished = {f: (workdir / part_outputs(*f)[0]).stat().st_mtime_ns for f in done}
     rerun_after_kill(workdir, [CLASSIFICATION_TARGET])
-    assert {f: (workdir / fold_outputs(*f)[0]).stat().st_mtime_ns for f in done} == finished
-    assert_same_tables(workdir, tiny_study, [CLASSIFICATION_TARGET, "results/classification/predictions.tsv"])
+    assert {f: (workdir / part_outputs(*f)[0]).stat().st_mtime_ns for f in done} == finished
+    assert_same_tables(workdir, tiny_study, [CLASSIFICATION_TARGET, f"{CLASSIFY_SOURCE}/predictions.tsv"])
 
 
 # --------------------------------------------------------------------- 3. reproducibility
@@ -366,13 +371,12 @@ def test_classifier_fold_killed_midway_reruns_only_the_missing_folds(tiny_study,
 def test_two_clean_runs_give_byte_identical_tables(tiny_study, tmp_path):
     workdir = copy_workflow(tmp_path / "second")
     snakemake(workdir, "--", *TABLE_TARGETS, CLASSIFICATION_TARGET)
-    tables = sorted(str(p.relative_to(tiny_study)) for p in (tiny_study / "results/tables").glob("*.tsv"))
-    assert len(tables) == len(TABLES) + 1
+    tables = [*TABLE_TARGETS, CLASSIFICATION_TARGET, "results/tables/classification_sources.tsv"]
     assert_same_model(workdir / "results/model/proposed/model.pt", tiny_study / "results/model/proposed/model.pt")
     assert_same_tables(
         workdir,
         tiny_study,
-        [*tables, "results/model/proposed/training_log.tsv", "results/classification/predictions.tsv"],
+        [*tables, "results/model/proposed/training_log.tsv", f"{CLASSIFY_SOURCE}/predictions.tsv"],
     )
 
 

@@ -46,6 +46,7 @@ TABLE_FILES = (
     "jacobian.tsv",
     "endpoint_error.tsv",
     "classification.tsv",
+    "classification_sources.tsv",
     "tables.html",
 )
 MAX_REPORT_BYTES = 30 * 2**20  # the tiny study's report is ~4 MB (vega, react and the figures inline)

@@ -24,7 +24,8 @@ def test_paper_configuration_plans_paper_scale_training(tmp_path):
     counts = job_counts(result.stdout)
     assert counts["train"] == 2  # proposed and proposed w/o affine
     assert counts["synthesize_subject"] == 41 and counts["preprocess"] == 41
-    assert counts["classify_cnn"] == 5
+    # one CNN job per repeat (5) for each field source: the refined method, the single pass, the truth
+    assert counts["classify_cnn"] == 5 * 3
 
 
 def test_tiny_study_produces_the_cohort_and_common_grid(tiny_study):
@@ -48,11 +49,12 @@ def test_tiny_study_produces_every_table_with_the_expected_rows(tiny_study):
         ("unregistered", "all_combinations"): TINY_VALIDATION**2,
         ("proposed", "inhale_exhale"): TINY_SUBJECTS,
         ("proposed", "all_combinations"): TINY_VALIDATION**2,
+        ("proposed_refined", "inhale_exhale"): TINY_SUBJECTS,
         ("syn", "inhale_exhale"): TINY_VALIDATION,
         ("sitk_bspline", "inhale_exhale"): TINY_VALIDATION,
     }
     table1 = table(tiny_study, "table1_dice")
-    assert list(table1["method"]) == ["unregistered", "proposed", "syn", "sitk_bspline"]
+    assert list(table1["method"]) == ["unregistered", "proposed", "proposed_refined", "syn", "sitk_bspline"]
     assert (table1["inhale_exhale_pairs"] == TINY_VALIDATION).all()
     assert table1.set_index("method").loc["proposed", "all_combinations_pairs"] == TINY_VALIDATION**2
     assert table1["inhale_exhale_dice_mean"].between(1, 100).all()
@@ -63,10 +65,12 @@ def test_tiny_study_produces_every_table_with_the_expected_rows(tiny_study):
     intra = 2 * TINY_SUBJECTS + 2 * TINY_VALIDATION + 2 * TINY_VALIDATION
     assert len(table(tiny_study, "landmarks")) == 11 * intra
     jacobian = table(tiny_study, "jacobian")
-    assert len(jacobian) == 6 and (jacobian["pairs_with_folding"] == 0).all()
-    assert len(table(tiny_study, "endpoint_error")) == 4
+    assert len(jacobian) == 7 and (jacobian["pairs_with_folding"] == 0).all()
+    assert len(table(tiny_study, "endpoint_error")) == 5
     classification = table(tiny_study, "classification")
     assert set(classification["classifier"]) == {"cnn", "logistic"}
+    sources = table(tiny_study, "classification_sources")
+    assert set(sources["source"]) == {"proposed_refined", "ground_truth"}
 
 
 def test_classical_baselines_beat_unregistered_on_the_tiny_study(tiny_study):

@@ -81,6 +81,9 @@ def refined_method(variant: str) -> str:
 
 BASELINE_METHODS = tuple(m.name for m in METHODS if m.kind == "baseline")
 
+GROUND_TRUTH = "ground_truth"  # the synthetic cohort's exact fields, as a field source
+FIELD_SOURCES = (*NETWORK_METHODS, *BASELINE_METHODS, GROUND_TRUTH)  # what classify: may classify
+
 
 def method_label(name: str) -> str:
     """The display name of a method (the name itself for a method the registry does not know)."""

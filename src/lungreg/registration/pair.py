@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 import torch
+import yaml
 
 from .. import io, manifest, torch_io
 from ..evaluate import Phase
@@ -200,6 +201,20 @@ def _write_outputs(
         )
         io.write_text(table.to_csv(index=False, lineterminator="\n"), out / "fixed_landmarks_in_moving.csv")
     return {name: out / name for name in OUTPUT_NAMES if (out / name).is_file()}
+
+
+def refine_option(option: str | None) -> RefineSettings | None:
+    """`lungreg register --refine`: None (single pass), "default" (the workflow's default stages)
+    or the `refine:` section of a YAML file (e.g. a study's config file)."""
+    if option is None:
+        return None
+    if option == "default":
+        return RefineSettings()
+    try:
+        section = (yaml.safe_load(Path(option).read_text()) or {}).get("refine", {})
+        return RefineSettings.from_config(section)
+    except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError) as error:
+        raise InputError(None, option, f"--refine: not a readable refine section ({error})") from None
 
 
 def register_pair(
