@@ -390,7 +390,10 @@ def classifier_options(wildcards):
 
 def classify_part_predictions(wildcards):
     return {
-        c: [f"{PART.format(source=wildcards.source, classifier=c, part=p)}/predictions.tsv" for p in classification_parts()]
+        c: [
+            f"{PART.format(source=wildcards.source, classifier=c, part=p)}/predictions.tsv"
+            for p in classification_parts()
+        ]
         for c in CLASSIFY_CLASSIFIERS
     }
 

@@ -119,3 +119,21 @@ def test_nan_loss_stops_with_the_epoch_named(shifted_pair, tmp_path):
     pair = PairFiles(shifted_pair.moving_image, str(broken), shifted_pair.moving_mask, shifted_pair.fixed_mask)
     with pytest.raises(FloatingPointError, match="epoch 1, batch 1"):
         train([pair], [pair], SMALL, PAPER_LOSS, FAST)
+
+
+def test_local_ncc_equals_the_direct_box_mean_formula():
+    """The separable box filter gives exactly the 3-D clipped-window means."""
+    generator = torch.Generator().manual_seed(0)
+    fixed = torch.rand(2, 1, 9, 14, 11, generator=generator, dtype=torch.float64)
+    warped = torch.rand(2, 1, 9, 14, 11, generator=generator, dtype=torch.float64)
+
+    def box(x):
+        return torch.nn.functional.avg_pool3d(x, 5, stride=1, padding=2, count_include_pad=False)
+
+    mean_f, mean_w = box(fixed), box(warped)
+    cov = box(fixed * warped) - mean_f * mean_w
+    var_f = (box(fixed * fixed) - mean_f**2).clamp_min(0)
+    var_w = (box(warped * warped) - mean_w**2).clamp_min(0)
+    expected = 1.0 - (cov * cov / (var_f * var_w + 1e-5)).mean()
+    assert torch.allclose(losses.local_ncc(fixed, warped, window=5), expected, rtol=0, atol=1e-12)
+    assert losses.local_ncc(fixed, fixed, window=5) < 0.01  # identical images: correlation 1 (less eps)

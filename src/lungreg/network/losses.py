@@ -35,7 +35,15 @@ def local_ncc(
     """1 - mean local normalised cross-correlation over cubic windows of `window` voxels."""
 
     def box(x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool3d(x, window, stride=1, padding=window // 2, count_include_pad=False)
+        # Separable: the mean over a window clipped at the border is the product of the three
+        # axes' clipped means, so three 1-D passes give the 3-D box mean (window**3 / (3 * window)
+        # times fewer operations).
+        for axis in range(3):
+            size = [1, 1, 1]
+            size[axis] = window
+            padding = [s // 2 for s in size]
+            x = F.avg_pool3d(x, tuple(size), stride=1, padding=tuple(padding), count_include_pad=False)
+        return x
 
     mean_f, mean_w = box(fixed), box(warped)
     cov = box(fixed * warped) - mean_f * mean_w
