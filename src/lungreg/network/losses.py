@@ -29,6 +29,18 @@ def mse(fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None =
     return _weighted_mean((fixed - warped) ** 2, weight)
 
 
+def _clipped_window_mean(x: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
+    """Mean of x[i - radius : i + radius + 1] along `axis`, the window clipped at the borders."""
+    n = x.shape[axis]
+    total = torch.cat([torch.zeros_like(x.narrow(axis, 0, 1)), x.cumsum(axis)], dim=axis)
+    index = torch.arange(n, device=x.device)
+    high, low = (index + radius + 1).clamp(max=n), (index - radius).clamp(min=0)
+    sums = total.index_select(axis, high) - total.index_select(axis, low)
+    shape = [1] * x.dim()
+    shape[axis] = n
+    return sums / (high - low).to(x.dtype).reshape(shape)
+
+
 def local_ncc(
     fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None, window: int = 9, eps: float = 1e-5
 ) -> torch.Tensor:
@@ -37,12 +49,9 @@ def local_ncc(
     def box(x: torch.Tensor) -> torch.Tensor:
         # Separable: the mean over a window clipped at the border is the product of the three
         # axes' clipped means, so three 1-D passes give the 3-D box mean (window**3 / (3 * window)
-        # times fewer operations).
-        for axis in range(3):
-            size = [1, 1, 1]
-            size[axis] = window
-            padding = [s // 2 for s in size]
-            x = F.avg_pool3d(x, tuple(size), stride=1, padding=tuple(padding), count_include_pad=False)
+        # times fewer operations), for any image size.
+        for axis in (2, 3, 4):
+            x = _clipped_window_mean(x, axis, window // 2)
         return x
 
     mean_f, mean_w = box(fixed), box(warped)
