@@ -50,7 +50,8 @@ def prepare(study: Path, folder: Path) -> None:
 def train(recipe: str, folder: Path, cores: int) -> pd.DataFrame:
     """Train `recipe` in `folder` through the workflow; its training log."""
     extra = folder / "recipe.yaml"
-    extra.write_text(yaml.safe_dump(RECIPES[recipe]))
+    threads = {"gpu_jobs": cores, "baselines": 1}  # the training job's threads = the cores given
+    extra.write_text(yaml.safe_dump({**RECIPES[recipe], "threads": threads}))
     target = "results/model/proposed/training_log.tsv"
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(folder)]
     command += ["--cores", str(cores), "--resources", "gpu=1", "--configfile", str(extra), "--", target]
@@ -87,9 +88,9 @@ def main() -> None:
         logs.append(log.assign(recipe=recipe)[["recipe", "epoch", "resolution", "seconds", "val_dice"]])
         summary += at_minutes(log, recipe)
         print(pd.DataFrame(summary[-1:]).to_string(index=False, header=False), flush=True)
-    meta["recipes"] = {name: RECIPES[name] for name in arguments.recipes}
-    write_results(pd.concat(logs).to_dict("records"), "training_recipes", meta)
-    write_results(summary, "training_recipes_summary", meta)
+        meta["recipes"] = {name: RECIPES[name] for name in arguments.recipes[: len(logs)]}
+        write_results(pd.concat(logs).to_dict("records"), "training_recipes", meta)  # after each recipe
+        write_results(summary, "training_recipes_summary", meta)
 
 
 if __name__ == "__main__":
