@@ -73,7 +73,7 @@ else
     runs=(--max-pairs 4 --refined-pairs 2 --max-seconds 20)
     shape=16x32x32
     network=(--variants w0.25 --shapes "$shape" --warmup 1 --repeats 1 --budget 5 --max-call-s 60)
-    limits=(1500 300 600 600)
+    limits=(2400 300 600 900)
 fi
 jobs=$(($(nproc) / 2 > 0 ? $(nproc) / 2 : 1))
 

@@ -102,13 +102,20 @@ def exact_float32():
 
 def overlay(device: str) -> dict:
     """The tiny study on one device, with every protocol; no SyN (ANTsPy is not on the GPU machine)
-    and one repeat of the classification folds."""
-    return {
+    and one repeat of the classification folds. The CPU rehearsal shrinks it further (6 subjects,
+    one chunk per protocol, 2 folds): it checks the tests' code, on a shared 2-core machine."""
+    config = {
         "inference": {"protocols": PROTOCOLS, "device": device, "prefetch": True},
         "train": {"device": device},
         "classify": {"repeats": 1, "cnn": {"device": device}},  # one repeat of the folds: 6 jobs, not 30
         "baselines": {"syn": {"enabled": False}},
     }
+    if not CUDA:
+        config["synthetic"] = {"n_subjects": 6, "n_ild": 3}
+        config["split"] = {"n_validation": 2}
+        config["inference"]["chunks"] = {"inhale_exhale": 1, "all_combinations": 1, "cohort": 1}
+        config["classify"]["folds"] = 2
+    return config
 
 
 def run_study(folder: Path, device: str, cores: int) -> Path:
@@ -116,7 +123,7 @@ def run_study(folder: Path, device: str, cores: int) -> Path:
     config = folder / f"{device}.yaml"
     config.write_text(yaml.safe_dump(overlay(device)))
     # --scheduler greedy: PuLP (Snakemake's ILP scheduler) is left out of the GPU machine's wheels
-    snakemake(workdir, "--cores", str(cores), "--scheduler", "greedy", timeout=1500, configfiles=(TINY, config))
+    snakemake(workdir, "--cores", str(cores), "--scheduler", "greedy", timeout=2400, configfiles=(TINY, config))
     return workdir
 
 
