@@ -7,7 +7,9 @@ tests' gpu_tests.jsonl and junit.xml, steps.tsv); a missing table leaves its fig
 time per pair at the same grid on 2 CPU cores is not measured on the GPU machine (no ANTsPy there):
 it is read from bench/results/syn_paper_grid.tsv, measured on the development machine (see
 bench/README.md), and the ratio is the learned registration's time per pair with its refinement
-against it. In the CPU rehearsal (`--mode cpu`, tiny sizes) the targets do not apply.
+against it; it is not judged against its target when that reference was measured under a load
+above its thread count (a contended SyN time flatters the ratio). In the CPU rehearsal
+(`--mode cpu`, tiny sizes) the targets do not apply.
 """
 
 from __future__ import annotations
@@ -71,14 +73,14 @@ def figures(results: Path) -> tuple[dict[str, float | None], dict]:
     found["cohort_1681_pairs_scored_s"] = _one(throughput, "all_pairs_s", kind="network", method="proposed")
     for method in ("proposed", "proposed_refined"):
         found[f"{method}_compute_s_per_pair"] = _one(throughput, "compute_s_per_pair", kind="network", method=method)
-    syn = (
-        _one(pd.read_csv(SYN_REFERENCE, sep="\t"), "compute_s_per_pair", method="syn")
-        if SYN_REFERENCE.exists()
-        else None
-    )
+    reference = pd.read_csv(SYN_REFERENCE, sep="\t") if SYN_REFERENCE.exists() else pd.DataFrame()
+    syn = _one(reference, "compute_s_per_pair", method="syn")
     refined = found["proposed_refined_compute_s_per_pair"]
     found["syn_over_proposed_refined"] = syn / refined if syn and refined else None
-    notes = {"syn_s_per_pair_2_cpu_cores": syn}
+    load = _one(reference, "load_1m_start", method="syn")
+    notes = {"syn_s_per_pair_2_cpu_cores": syn, "syn_reference_load_1m": load}
+    # A SyN time measured on a busy machine is too long, and the ratio too flattering: not judged.
+    notes["syn_reference_contended"] = load is not None and load > (_one(reference, "threads") or 2)
     if not throughput.empty and "pairs" in throughput:
         notes["cohort_pairs"] = int(throughput["pairs"].iloc[0])
         notes["measured_pairs"] = dict(
@@ -127,6 +129,8 @@ def main() -> None:
     for name, value in found.items():
         unit, target, at_most = TARGETS[name]
         applies = args.mode == "gpu" and target is not None and value is not None
+        if name == "syn_over_proposed_refined" and notes["syn_reference_contended"]:
+            applies = False  # bench/README.md: the reference is to be remeasured on a quiet machine
         met = (value <= target if at_most else value >= target) if applies else None
         rows.append({"figure": name, "value": value, "unit": unit, "target": target, "met": met})
     frame = pd.DataFrame(rows)
