@@ -18,8 +18,9 @@ end-to-end study also trains on each device, and the two trainings' rounding div
 Adam (whose first steps move each weight by about the learning rate whatever the gradient's size),
 then refinement optimises each pair further: per pair, Dice within TOLERANCE["dice"] (fraction),
 landmark and end-point errors within 1 mm, min det J within 0.15, and each method's mean Dice
-within 1 point. These are stated, not measured on a GPU yet: on the CPU, a rounding-level change
-of the same study (bench/README.md, "GPU check") moved them by at most a third of that.
+within 1 point. These are stated, not yet measured on a GPU (the rehearsal compares the CPU with
+itself): the check records the largest differences before it asserts, so the first GPU run gives
+them either way.
 """
 
 from __future__ import annotations
