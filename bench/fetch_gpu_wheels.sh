@@ -10,9 +10,9 @@ if [[ -f .venv/bin/activate ]]; then . .venv/bin/activate; fi
 folder=${1:-.gpu-wheels}
 mkdir -p "$folder"
 python bench/gpu_wheels.py list >"$folder/requirements.txt"
+python bench/gpu_wheels.py missing "$folder" >"$folder/missing.txt" # a rerun fetches only these
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 while read -r requirement; do
-    # pip skips a wheel already in the folder
     if ! pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platforms[@]}" --dest "$folder" "$requirement" 2>/dev/null; then
         # No wheel on the index (an sdist only): build it here, and accept it only when pure Python.
@@ -26,6 +26,7 @@ while read -r requirement; do
         mv "$built"/*.whl "$folder/"
         rmdir "$built"
     fi
-done <"$folder/requirements.txt"
+done <"$folder/missing.txt"
+rm -f "$folder/missing.txt"
 python bench/gpu_wheels.py repack "$folder"
 python bench/gpu_wheels.py check "$folder"

@@ -6,6 +6,7 @@ check imports travels with the working tree as cp312 manylinux wheels in a git-i
 (default .gpu-wheels/), fetched here by bench/fetch_gpu_wheels.sh.
 
     python bench/gpu_wheels.py list                 # name==version of every wheel to bring (stdout)
+    python bench/gpu_wheels.py missing .gpu-wheels  # those the folder lacks
     python bench/gpu_wheels.py repack .gpu-wheels   # large wheels recompressed (LZMA) to fit the 64 MiB
     python bench/gpu_wheels.py check .gpu-wheels    # every listed wheel present, cp312-compatible; sizes
     python bench/gpu_wheels.py install .gpu-wheels TARGET   # on the GPU machine: unpack into TARGET
@@ -13,7 +14,8 @@ check imports travels with the working tree as cp312 manylinux wheels in a git-i
 Which: the closure of lungreg's requirements (and pytest, and snakemake's `reports` extra), read
 from this environment's installed metadata with the markers evaluated for CPython 3.12 on Linux
 x86_64, at this environment's versions (the project's pins), less what the GPU machine provides
-(the six packages above and everything they require) and less what the GPU run leaves out:
+(the six packages above and everything they require, except typing-extensions and packaging,
+whose versions there may be too old) and less what the GPU run leaves out:
 ANTsPy (no SyN there), the SLURM executor plugin, and PuLP (16 MB: Snakemake then needs
 `--scheduler greedy`, which the GPU tests pass).
 
@@ -44,6 +46,10 @@ REPO = Path(__file__).resolve().parents[1]
 PROVIDED = ("torch", "numpy", "pandas", "scipy", "scikit-learn", "matplotlib")  # on the GPU machine
 LEFT_OUT = ("antspyx", "snakemake-executor-plugin-slurm", "pulp")  # not used by the GPU run
 EXTRA_ROOTS = ("pytest",)
+# Provided there too, but maybe older than the wheels here need (pydantic: typing-extensions>=4.16;
+# snakemake: packaging<26,>=24): brought along, first on PYTHONPATH they shadow the machine's own
+# (both keep their old API, so torch and matplotlib do not mind).
+ALSO_BRING = ("typing-extensions", "packaging")
 EXTRAS = {"snakemake": ("reports",)}
 TARGET_ENV = {
     "python_version": "3.12",
@@ -100,7 +106,9 @@ def wanted() -> dict[str, str]:
     stop = provided | {canonicalize_name(n) for n in LEFT_OUT}
     roots = [_root(r) for r in _requirements("lungreg")]
     roots += [(name, ()) for name in EXTRA_ROOTS]
-    return dict(sorted(_closure(roots, stop).items()))
+    found = _closure(roots, stop)
+    found.update({canonicalize_name(name): metadata.version(name) for name in ALSO_BRING})
+    return dict(sorted(found.items()))
 
 
 def _compatible_tags() -> set:
@@ -128,6 +136,12 @@ def tree_bytes() -> int:
         check=True,
     ).stdout.split(b"\0")
     return sum((REPO / os.fsdecode(p)).stat().st_size for p in listed if p and (REPO / os.fsdecode(p)).is_file())
+
+
+def missing(folder: Path) -> list[str]:
+    """name==version of the wanted wheels that `folder` lacks (so a rerun fetches only those)."""
+    have = _wheels(folder) if folder.exists() else {}
+    return [f"{n}=={v}" for n, v in wanted().items() if n not in have or have[n][1] != v]
 
 
 def check(folder: Path) -> int:
@@ -212,6 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list")
+    sub.add_parser("missing").add_argument("folder", type=Path)
     for name in ("check", "repack"):
         sub.add_parser(name).add_argument("folder", type=Path)
     unpack = sub.add_parser("install")
@@ -220,6 +235,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "list":
         print("\n".join(f"{name}=={version}" for name, version in wanted().items()))
+    elif args.command == "missing":
+        print("\n".join(missing(args.folder)))
     elif args.command == "check":
         sys.exit(check(args.folder))
     elif args.command == "repack":
