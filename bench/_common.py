@@ -17,7 +17,8 @@ import pandas as pd
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-RESULTS = BENCH / "results"
+# LUNGREG_BENCH_RESULTS: another folder for the tables (bench/gpu_check.sh writes into its output folder)
+RESULTS = Path(os.environ.get("LUNGREG_BENCH_RESULTS") or BENCH / "results")
 
 
 def load_average() -> float:
@@ -58,12 +59,24 @@ def machine() -> dict:
     }
 
 
-def workflow_config() -> dict:
-    """config/config.yaml with the schema's defaults filled in: the configuration the workflow sees."""
+def _merged(base: dict, overlay: dict) -> dict:
+    """`overlay` over `base`, nested sections merged key by key (as Snakemake layers --configfile)."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _merged(base[key], value) if nested else value
+    return merged
+
+
+def workflow_config(*overlays: str | Path) -> dict:
+    """config/config.yaml, then each overlay file (e.g. config/paper.yaml), with the schema's
+    defaults filled in: the configuration the workflow sees with those --configfile options."""
     import yaml
     from snakemake.utils import validate
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for overlay in overlays:
+        config = _merged(config, yaml.safe_load(Path(overlay).read_text()) or {})
     validate(config, str(REPO / "config" / "schemas" / "config.schema.yaml"))
     return config
 

@@ -126,7 +126,7 @@ def plan(args) -> list[dict]:
     configs = []
     for part in args.parts:
         for device in devices:
-            precisions = ["fp32", "bf16"] if device == "cuda" else ["fp32"]
+            precisions = ["bf16", "fp32"] if device == "cuda" else ["fp32"]  # bf16 first: the GPU targets
             for variant in args.variants:
                 for precision in precisions:
                     for shape in args.shapes:

@@ -2,6 +2,9 @@
 
     python bench/throughput.py                 # 5 subjects, 25 pairs: bench/results/throughput.tsv
     python bench/throughput.py --quick         # 3 subjects, 9 pairs (bench/results/quick_throughput.tsv)
+    python bench/throughput.py --configfile config/paper.yaml --synthesize-at-grid --subjects 41 --jobs 16 \
+        --device cuda --variants paper --baselines "" --refined --max-pairs 24 --refined-pairs 16 \
+        --stream-all --max-seconds 120 --out gpu_throughput      # the GPU check's (bench/gpu_check.sh)
 
 The cohort is the default study's (config/config.yaml: synthetic, preprocess), synthesised and
 preprocessed once into --workdir (kept, so reruns skip it). Pairs: the `cohort` protocol, every
@@ -30,12 +33,14 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import files_under, load_average, machine, workflow_config, write_results  # noqa: E402
 
+WORKFLOW_KEYS = ("enabled", "protocols", "chunks", "subjects")  # a baseline's keys that are not its options
 NETWORK_VARIANTS = {
     "w0.25": {"width": 0.25},
     "w0.25_fast": {"width": 0.25, "feature_reduction": 16, "deformable_stride": 2},
@@ -44,30 +49,45 @@ NETWORK_VARIANTS = {
 }
 
 
-def prepare_cohort(workdir: Path, n_subjects: int, config: dict):
+def _prepare_subject(workdir: Path, settings, preprocess, subject: str) -> None:
+    import SimpleITK as sitk
+
+    from lungreg.preprocess import preprocess_subject
+    from lungreg.study import PreprocessedLayout
+    from lungreg.synthetic.render import synthesize_subject
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # one subject per process
+    layout = PreprocessedLayout(workdir / "preprocessed")
+    raw = workdir / "synthetic" / subject
+    if not (raw / "parameters.json").exists():
+        synthesize_subject(settings, subject, raw)
+    if not layout.landmarks(subject, "exhale").exists():
+        inputs = {item: raw / f"{item}.nii.gz" for item in ("inhale", "exhale", "inhale_mask", "exhale_mask")}
+        inputs.update({f"{p}_landmarks": raw / f"{p}_landmarks.csv" for p in ("inhale", "exhale")})
+        preprocess_subject(subject, inputs, preprocess, layout.root / subject)
+
+
+def prepare_cohort(workdir: Path, n_subjects: int, config: dict, jobs: int = 1, protocol: str = "cohort"):
     """Synthesise and preprocess the cohort (skipped when already there); returns (layout, pairs)."""
     import pandas as pd
 
-    from lungreg.preprocess import PreprocessSettings, preprocess_subject
+    from lungreg.preprocess import PreprocessSettings
     from lungreg.study import PreprocessedLayout, protocol_pairs
-    from lungreg.synthetic.render import synthesize_subject
     from lungreg.synthetic.settings import SyntheticCohortSettings
 
     settings = SyntheticCohortSettings.from_config(
         {**config["synthetic"], "n_subjects": n_subjects, "n_ild": n_subjects // 2}
     )
     preprocess = PreprocessSettings.from_config(config["preprocess"], "exhale")
-    layout = PreprocessedLayout(workdir / "preprocessed")
-    for subject in settings.subject_ids():
-        raw = workdir / "synthetic" / subject
-        if not (raw / "parameters.json").exists():
-            synthesize_subject(settings, subject, raw)
-        if not layout.landmarks(subject, "exhale").exists():
-            inputs = {item: raw / f"{item}.nii.gz" for item in ("inhale", "exhale", "inhale_mask", "exhale_mask")}
-            inputs.update({f"{p}_landmarks": raw / f"{p}_landmarks.csv" for p in ("inhale", "exhale")})
-            preprocess_subject(subject, inputs, preprocess, layout.root / subject)
-    cohort = pd.DataFrame({"subject": settings.subject_ids()})
-    return layout, protocol_pairs("cohort", cohort, "exhale")
+    subjects = settings.subject_ids()
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            list(pool.map(_prepare_subject, *zip(*[(workdir, settings, preprocess, s) for s in subjects])))
+    else:
+        for subject in subjects:
+            _prepare_subject(workdir, settings, preprocess, subject)
+    cohort = pd.DataFrame({"subject": subjects, "split": "validation"})
+    return PreprocessedLayout(workdir / "preprocessed"), protocol_pairs(protocol, cohort, "exhale")
 
 
 def network_model(path: Path, variant: str) -> Path:
@@ -85,14 +105,76 @@ def network_model(path: Path, variant: str) -> Path:
     return path
 
 
+def stream_all(registrar, pairs, layout, max_seconds: float) -> dict:
+    """Every pair through the registrar's pipeline (the GPU side: `_launch` pins, copies on the side
+    stream, runs and copies the outputs back; waiting for each batch's `done` event replaces
+    `_finish`'s conversion to physical fields), one batch in flight ahead as in register_stream.
+    Each phase is read from disk once (timed). Stops after `max_seconds`."""
+    import torch
+
+    from lungreg.evaluate import load_phase
+    from lungreg.registration.base import LoadedPair
+
+    began = time.perf_counter()
+    phases = {}
+    for pair in pairs:
+        for subject, phase in ((pair.fixed_subject, pair.fixed_phase), (pair.moving_subject, pair.moving_phase)):
+            if (subject, phase) not in phases:
+                phases[(subject, phase)] = load_phase(layout, subject, phase)
+    read_s = time.perf_counter() - began
+    done, pending, gpu_s = 0, None, 0.0
+    for start in range(0, len(pairs), registrar.batch_size):
+        batch = [
+            LoadedPair(p, phases[(p.fixed_subject, p.fixed_phase)], phases[(p.moving_subject, p.moving_phase)])
+            for p in pairs[start : start + registrar.batch_size]
+        ]
+        flight = registrar._launch(batch)
+        if pending is not None:
+            done += _wait(pending)
+            gpu_s += pending.seconds if pending.events is None else _elapsed(pending)
+        pending = flight
+        if time.perf_counter() - began > max_seconds:
+            break
+    if pending is not None:
+        done += _wait(pending)
+        gpu_s += pending.seconds if pending.events is None else _elapsed(pending)
+    if registrar.cuda:
+        torch.cuda.synchronize()
+    return {"pairs_done": done, "wall_s": time.perf_counter() - began, "read_s": read_s, "compute_s": gpu_s}
+
+
+def _wait(flight) -> int:
+    if flight.events is not None:
+        flight.events[2].synchronize()
+    return len(flight.batch)
+
+
+def _elapsed(flight) -> float:
+    start, end, _ = flight.events
+    return start.elapsed_time(end) / 1000.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subjects", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch / ITK threads (default: all cores)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--variants", default="w0.25,w0.25_fast,paper,paper_fast", type=lambda s: s.split(","))
-    parser.add_argument("--baselines", default="syn,sitk_bspline", type=lambda s: [v for v in s.split(",") if v])
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's inference batch_size")
+    names = lambda text: [v for v in text.split(",") if v]  # noqa: E731
+    parser.add_argument("--variants", default="w0.25,w0.25_fast,paper,paper_fast", type=names)
+    parser.add_argument("--baselines", default="syn,sitk_bspline", type=names)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lungreg-bench-cohort")
+    parser.add_argument("--configfile", action="append", default=[], help="layered over config/config.yaml")
+    parser.add_argument("--synthesize-at-grid", action="store_true", help="synthesise on the preprocessed grid")
+    parser.add_argument("--jobs", type=int, default=1, help="processes preparing the cohort")
+    parser.add_argument("--device", default="cpu", help="the network's device (cpu, cuda, auto)")
+    parser.add_argument("--protocol", default="cohort", choices=["cohort", "inhale_exhale"])
+    parser.add_argument("--refined", action="store_true", help="also the refined network (the config's refine:)")
+    parser.add_argument("--max-pairs", type=int, default=None, help="register the first N pairs of each run")
+    parser.add_argument("--refined-pairs", type=int, default=None, help="the refined row's N (default --max-pairs)")
+    parser.add_argument("--stream-all", action="store_true", help="every pair through the network, not scored")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="the stream row's time budget")
+    parser.add_argument("--no-save-all", action="store_true", help="leave out the save_fields all row")
+    parser.add_argument("--prepare-only", action="store_true", help="prepare the cohort in --workdir, then stop")
     parser.add_argument("--quick", action="store_true", help="3 subjects, the default variant only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -103,64 +185,127 @@ def main() -> None:
 
     import torch
 
+    from lungreg.network.model import Acceleration
+    from lungreg.network.refine import RefineSettings
     from lungreg.registration.chunk import ChunkOutputs, build_registrar, run_chunk
     from lungreg.registration.network import NetworkRegistrar
 
     torch.set_num_threads(threads)
-    config = workflow_config()
-    meta = {**machine(), "threads": threads, "subjects": args.subjects, "command": " ".join(sys.argv)}
+    config = workflow_config(*args.configfile)
+    if args.synthesize_at_grid:
+        config["synthetic"]["shape"] = list(config["preprocess"]["grid_shape"])
+        config["preprocess"]["factor"] = 1.0
+    inference = config["inference"]
+    batch_size = args.batch_size or inference["batch_size"]
+    meta = {
+        **machine(),
+        "threads": threads,
+        "subjects": args.subjects,
+        "grid": "x".join(map(str, config["preprocess"]["grid_shape"])),
+        "inference": {k: inference[k] for k in ("bf16", "channels_last", "cudnn_benchmark", "compile", "prefetch")},
+        "command": " ".join(sys.argv),
+    }
     print(json.dumps(meta), flush=True)
     started = time.perf_counter()
-    prepare_started = time.perf_counter()
-    layout, pairs = prepare_cohort(args.workdir / f"n{args.subjects}", args.subjects, config)
-    meta["cohort_prepare_s"] = round(time.perf_counter() - prepare_started, 1)
+    grid = meta["grid"]
+    layout, pairs = prepare_cohort(
+        args.workdir / f"n{args.subjects}_{grid}", args.subjects, config, args.jobs, args.protocol
+    )
+    meta["cohort_prepare_s"] = round(time.perf_counter() - started, 1)
+    print(f"cohort ready: {len(pairs)} pairs in {meta['cohort_prepare_s']} s", flush=True)
+    if args.prepare_only:
+        return
     scratch = Path(tempfile.mkdtemp(prefix="lungreg-bench-"))
-    runs = [("network", v, "none") for v in args.variants] + [("network", args.variants[0], "all")]
-    runs += [("baseline", b, "none") for b in args.baselines]
+    runs = [("network", v, "none", False) for v in args.variants]
+    if args.variants and not args.no_save_all:
+        runs.append(("network", args.variants[0], "all", False))
+    if args.variants and args.refined:
+        runs.append(("network", args.variants[0], "none", True))
+    if args.variants and args.stream_all:
+        runs.append(("stream", args.variants[0], "none", False))
+    runs += [("baseline", b, "none", False) for b in args.baselines]
     rows = []
+
+    def network(variant: str, refined: bool) -> NetworkRegistrar:
+        return NetworkRegistrar(
+            "proposed_refined" if refined else "proposed",
+            network_model(scratch / f"{variant}.pt", variant),
+            args.device,
+            batch_size,
+            threads,
+            acceleration=Acceleration.from_config(inference),
+            prefetch=inference["prefetch"],
+            refine=RefineSettings.from_config(config["refine"]) if refined else None,
+        )
+
     try:
-        for kind, name, save in runs:
+        for kind, name, save, refined in runs:
             load = load_average()
-            if kind == "network":
-                registrar = NetworkRegistrar(
-                    "proposed", network_model(scratch / f"{name}.pt", name), "cpu", args.batch_size, threads
+            limit = args.refined_pairs or args.max_pairs if refined else args.max_pairs
+            chosen = pairs[:limit] if limit else pairs
+            if kind in ("network", "stream"):
+                registrar = network(name, refined)
+            else:
+                options = {k: v for k, v in config["baselines"][name].items() if k not in WORKFLOW_KEYS}
+                registrar = build_registrar(name, threads, baseline_options=options)
+            row = {
+                "method": registrar.name if kind != "baseline" else name,
+                "kind": kind,
+                "variant": name if kind != "baseline" else "-",
+                "grid": grid,
+                "device": registrar.device,
+                "save_fields": save,
+                "pairs": len(pairs),
+                "batch_size": registrar.batch_size,
+                "threads": threads,
+                "load_1m_start": load,
+            }
+            if kind == "stream":
+                found = stream_all(registrar, pairs, layout, args.max_seconds)
+                wall, measured = found["wall_s"], found["pairs_done"]
+                row.update(
+                    {
+                        "measured_pairs": measured,
+                        "wall_s": wall,
+                        "read_s": found["read_s"],
+                        "pairs_per_s": measured / wall,
+                        "compute_s_per_pair": found["compute_s"] / measured,
+                        "wall_s_per_pair": wall / measured,
+                        "all_pairs_s": wall if measured == len(pairs) else wall / measured * len(pairs),
+                    }
                 )
             else:
-                options = {
-                    k: v for k, v in config["baselines"][name].items() if k not in ("enabled", "protocols", "chunks")
-                }
-                registrar = build_registrar(name, threads, baseline_options=options)
-            folder = scratch / f"{kind}-{name}-{save}"
-            outputs = ChunkOutputs(
-                folder, scratch / f"{folder.name}_metrics.tsv", scratch / f"{folder.name}_landmarks.tsv"
-            )
-            began = time.perf_counter()
-            metrics = run_chunk(registrar, pairs, layout, "cohort", outputs, save_fields=save)
-            wall = time.perf_counter() - began
-            written = files_under(folder)
-            if save == "none" and written:
-                raise AssertionError(f"save_fields none wrote {written} files under {folder}")
-            rows.append(
-                {
-                    "method": "proposed" if kind == "network" else name,
-                    "variant": name if kind == "network" else "-",
-                    "save_fields": save,
-                    "pairs": len(pairs),
-                    "batch_size": registrar.batch_size,
-                    "threads": threads,
-                    "wall_s": wall,
-                    "pairs_per_s": len(pairs) / wall,
-                    "compute_s_per_pair": float(metrics["seconds"].mean()),
-                    "compute_s_per_pair_median": float(statistics.median(metrics["seconds"])),
-                    "wall_s_per_pair": wall / len(pairs),
-                    # random network weights: only the baselines' Dice means anything (a sanity check)
-                    "dice_mean": float(metrics["dice"].mean()) if kind == "baseline" else None,
-                    "files_written": written,
-                    "load_1m_start": load,
-                }
-            )
+                folder = scratch / f"{kind}-{name}-{save}-{int(refined)}"
+                outputs = ChunkOutputs(
+                    folder, scratch / f"{folder.name}_metrics.tsv", scratch / f"{folder.name}_landmarks.tsv"
+                )
+                began = time.perf_counter()
+                metrics = run_chunk(registrar, chosen, layout, args.protocol, outputs, save_fields=save)
+                wall = time.perf_counter() - began
+                written = files_under(folder)
+                if save == "none" and written:
+                    raise AssertionError(f"save_fields none wrote {written} files under {folder}")
+                row.update(
+                    {
+                        "measured_pairs": len(chosen),
+                        "wall_s": wall,
+                        "pairs_per_s": len(chosen) / wall,
+                        "compute_s_per_pair": float(metrics["seconds"].mean()),
+                        "compute_s_per_pair_median": float(statistics.median(metrics["seconds"])),
+                        "wall_s_per_pair": wall / len(chosen),
+                        "all_pairs_s": wall / len(chosen) * len(pairs),
+                        # random network weights: only the baselines' Dice means anything (a sanity check)
+                        "dice_mean": float(metrics["dice"].mean()) if kind == "baseline" else None,
+                        "refine_steps_mean": float(metrics["refine_steps"].mean()) if refined else None,
+                        "files_written": written,
+                    }
+                )
+                shutil.rmtree(folder, ignore_errors=True)
+            if registrar.device != "cpu":
+                row["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
-            shutil.rmtree(folder, ignore_errors=True)
         syn = next((r for r in rows if r["method"] == "syn"), None)
         for row in rows:
             row["syn_over_compute"] = syn["compute_s_per_pair"] / row["compute_s_per_pair"] if syn else None

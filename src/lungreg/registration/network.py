@@ -139,7 +139,9 @@ class NetworkRegistrar:
             for tensor in (moving, fixed, *mask):  # allocated on the side stream, used on this one
                 tensor.record_stream(stream)
         fixed_mask = mask[0] if mask else None
-        spacing = torch.tensor([phase.grid.spacing for phase in fixed_phases], device=fixed.device)
+        # On the host: refine() moves it when it refines. A pageable host -> device copy here would
+        # wait for the stream, i.e. for the previous batch's forward pass, and undo the prefetching.
+        spacing = torch.tensor([phase.grid.spacing for phase in fixed_phases])
         if len(spacing) < len(fixed):  # padded for a compiled network
             spacing = torch.cat([spacing, spacing[-1:].expand(len(fixed) - len(spacing), 3)])
         moving, fixed = self.acceleration.inputs(moving, fixed)
