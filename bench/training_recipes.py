@@ -8,7 +8,8 @@ Each recipe is a config layered over config/config.yaml and trained by the workf
 and preprocessed volumes (copied, so nothing upstream runs again). The training log's per-epoch
 validation Dice and elapsed seconds become bench/results/training_recipes.tsv: one row per
 (recipe, epoch), plus bench/results/training_recipes_summary.tsv (Dice at 2, 4, 6, ... minutes
-and at the end). Run it on quiet cores: the seconds are the training job's wall time.
+and at the end). Run it on quiet cores: `seconds` is each epoch's wall time in the training job,
+`elapsed_s` their running sum.
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ def train(recipe: str, folder: Path, cores: int) -> pd.DataFrame:
 
 def at_minutes(log: pd.DataFrame, recipe: str) -> list[dict]:
     """Validation Dice of the last epoch finished by each whole minute, and at the end."""
+    elapsed = log["seconds"].cumsum()  # the log's seconds are each epoch's
     rows = []
-    for minutes in range(2, int(log["seconds"].max() // 60) + 1, 2):
-        done = log[log["seconds"] <= 60 * minutes]
+    for minutes in range(2, int(elapsed.max() // 60) + 1, 2):
+        done = log[elapsed <= 60 * minutes]
         if len(done):
             rows.append({"recipe": recipe, "minutes": minutes, "val_dice": done["val_dice"].iloc[-1]})
-    last = log.iloc[-1]
-    rows.append({"recipe": recipe, "minutes": round(last["seconds"] / 60, 1), "val_dice": last["val_dice"]})
+    rows.append({"recipe": recipe, "minutes": round(elapsed.iloc[-1] / 60, 1), "val_dice": log["val_dice"].iloc[-1]})
     return rows
 
 
@@ -85,7 +86,8 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         prepare(arguments.study.resolve(), folder)
         log = train(recipe, folder, arguments.cores)
-        logs.append(log.assign(recipe=recipe)[["recipe", "epoch", "resolution", "seconds", "val_dice"]])
+        log = log.assign(recipe=recipe, elapsed_s=log["seconds"].cumsum())
+        logs.append(log[["recipe", "epoch", "resolution", "seconds", "elapsed_s", "val_dice"]])
         summary += at_minutes(log, recipe)
         print(pd.DataFrame(summary[-1:]).to_string(index=False, header=False), flush=True)
         meta["recipes"] = {name: RECIPES[name] for name in arguments.recipes[: len(logs)]}

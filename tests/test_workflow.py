@@ -61,8 +61,10 @@ def test_tiny_study_produces_every_table_with_the_expected_rows(tiny_study):
     table2 = table(tiny_study, "table2_landmarks")
     assert list(table2["method"]) == list(table1["method"])
     assert (table2["landmarks_scored"] == 11 * TINY_VALIDATION).all()
-    # every intra-patient pair has 11 landmark rows: the own pairs, and the diagonal of all_combinations
-    intra = 2 * TINY_SUBJECTS + 2 * TINY_VALIDATION + 2 * TINY_VALIDATION
+    # every intra-patient pair has 11 landmark rows: the own pairs (unregistered, proposed and its
+    # refined row on every subject, the two baselines on the validation subjects), and the
+    # diagonal of all_combinations (unregistered, proposed)
+    intra = 3 * TINY_SUBJECTS + 2 * TINY_VALIDATION + 2 * TINY_VALIDATION
     assert len(table(tiny_study, "landmarks")) == 11 * intra
     jacobian = table(tiny_study, "jacobian")
     assert len(jacobian) == 7 and (jacobian["pairs_with_folding"] == 0).all()
