@@ -176,7 +176,7 @@ def split_subjects(subjects: pd.DataFrame, n_validation: int, seed: int, min_sub
     """
     n = len(subjects)
     if n < min_subjects or not 0 < n_validation < n:
-        log.warning("%d subjects: too few for a split; training and evaluating on all of them", n)
+        log.info("%d subjects: too few for a split; training and evaluating on all of them", n)
         return pd.Series(TOO_SMALL_SPLIT, index=subjects.index, name="split")
     strata = subjects["label"].fillna("").replace("", "unlabelled")
     stratify = strata if strata.value_counts().min() >= 2 else None
