@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from lungreg.geometry import Grid, common_grid, mask_box_corners
 from lungreg.io import InputError, read_landmarks, read_table
-from lungreg.manifest import check_subjects, lung_grid_shape, read_manifest
+from lungreg.manifest import check_subjects, lung_grid_shape, lungs_outside_grid, read_manifest
 from lungreg.preprocess import (
     QC_COLUMNS,
     PreprocessSettings,
@@ -541,6 +541,12 @@ def test_real_ct_pair_on_the_auto_grid_keeps_every_lung_voxel_and_the_51_landmar
     assert (summary.landmarks, summary.in_view, summary.excluded) == (100, 51, 49)  # all in both originals
     qc = read_table(tmp_path / "out" / "qc.tsv")
     assert not qc["problem"].any(), qc[qc["problem"]].to_dict("records")
+    # a grid set by hand: the planner knows before any job which lung masks reach outside it
+    assert lungs_outside_grid(report, "exhale", 2 / 3, (24, 48, 48)) == [
+        ("elastix01", "inhale"),
+        ("elastix01", "exhale"),
+    ]
+    assert lungs_outside_grid(report, "exhale", CT["factor"], (49, 56, 41)) == []
     # never larger than the grid that holds both fields of view (the margin is cut to the images)
     grids = [Grid.of(sitk.ReadImage(frame.loc[0, p])) for p in PHASES]
     assert all(a <= b for a, b in zip(shape, covering_shape(grids, grids[1], CT["factor"])))

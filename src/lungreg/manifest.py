@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from .geometry import Grid, covering_shape, mask_box_corners, region_corners
+from .geometry import Grid, common_grid, covering_shape, mask_box_corners, region_corners
 from .io import InputError, read_image, read_landmarks, write_text
 
 log = logging.getLogger(__name__)
@@ -439,3 +439,16 @@ def lung_grid_shape(report: CheckReport, reference_phase: str, factor: float, ma
         fields_of_view = np.concatenate([check.grids[p].corners() for p in PHASES])
         shapes.append(covering_shape(region_corners(lungs, fields_of_view, reference, margin_mm), reference, factor))
     return tuple(int(v) for v in np.max(shapes, axis=0))
+
+
+def lungs_outside_grid(
+    report: CheckReport, reference_phase: str, factor: float, shape_zyx: tuple[int, int, int]
+) -> list[tuple[str, str]]:
+    """(subject, phase) of every lung mask whose box reaches outside the subject's grid of a hand-set
+    `grid_shape` (centred on both fields of view): known while planning, before any job; the
+    preprocess job then measures the share of the mask it crops (and stops above max_mask_crop)."""
+    outside = []
+    for check in report.subjects:
+        grid = common_grid([check.grids[p] for p in PHASES], check.grids[reference_phase], factor, shape_zyx)
+        outside += [(check.subject, p) for p in PHASES if not grid.contains(check.lung_corners[p]).all()]
+    return outside
