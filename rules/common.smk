@@ -101,7 +101,9 @@ def preprocess_section():
     cohort's the shape that holds its rendered field of view (it has no masks while planning)."""
     section = dict(config["preprocess"])
     if section["grid_shape"] != "auto":
-        outside = manifest.lungs_outside_grid(CHECKS, FIXED_PHASE, section["factor"], section["grid_shape"]) if CHECKS else []
+        outside = (
+            manifest.lungs_outside_grid(CHECKS, FIXED_PHASE, section["factor"], section["grid_shape"]) if CHECKS else []
+        )
         for subject, phase in outside:
             logger.warning(
                 f"subject {subject}, {phase}: the lung mask reaches outside preprocess.grid_shape "
