@@ -159,8 +159,8 @@ def test_real_ct_pair_with_the_ct_preset_scores_51_pairs_and_reports_a_bad_setti
     tmp_path, elastix_lung_pair
 ):
     """config/ct.yaml (auto grid, CT window) on the real pair: the 51 landmark pairs in both original
-    views are scored, nothing cropped. Two deliberate faults, a window that clips 12% of the exhale
-    lung and a B-spline that may not iterate, reach qc.tsv and the run's last lines."""
+    views are scored, nothing cropped. Two deliberate faults, a window that clips 12% of the
+    follow-up's (inhale) lung and a B-spline that may not iterate, reach qc.tsv and the run's last lines."""
     workdir = copy_workflow(tmp_path / "study")
     manifest = elastix_manifest(tmp_path, elastix_lung_pair)
     faults = tmp_path / "faults.yaml"
@@ -185,11 +185,11 @@ def test_real_ct_pair_with_the_ct_preset_scores_51_pairs_and_reports_a_bad_setti
     problems = qc[qc["problem"]]
     assert set(problems["check"]) >= {"lung_clipped_low", "baseline_flag"}
     clipped = problems[problems["check"] == "lung_clipped_low"]
-    assert list(clipped["phase"]) == ["exhale"] and clipped["value"].between(0.1, 0.15).all()
+    assert list(clipped["phase"]) == ["inhale"] and clipped["value"].between(0.1, 0.15).all()  # the follow-up
     assert (qc.loc[qc["check"] == "mask_cropped", "value"] == 0).all()
     assert "zero_iterations" in problems.loc[problems["check"] == "baseline_flag", "message"].iloc[0]
     end = run_summary(result)
-    assert "subject elastix01, exhale: 12." in end and "sitk_bspline inhale_exhale" in end
+    assert "subject elastix01, inhale: 12." in end and "sitk_bspline inhale_exhale" in end
 
 
 def test_real_ct_pair_with_the_mri_defaults_stops_before_training_naming_the_ct_preset(tmp_path, elastix_lung_pair):
