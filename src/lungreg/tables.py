@@ -173,11 +173,11 @@ def pair_checks(pairs: pd.DataFrame) -> pd.DataFrame:
         flags = pairs["flag"].fillna("").astype(str)
         flagged = pairs[~flags.isin(["", "ok"])]
         stops = flagged["stop_condition"] if "stop_condition" in flagged else [""] * len(flagged)
-        add(
+        add(  # value stays numeric (NaN): the flag is in the message
             flagged,
             "baseline_flag",
-            flagged["flag"],
-            [""] * len(flagged),
+            [float("nan")] * len(flagged),
+            [float("nan")] * len(flagged),
             [f"flag {f} (stop condition: {s})" for f, s in zip(flagged["flag"], stops)],
         )
     frame = pd.DataFrame(rows, columns=QC_COLUMNS)
