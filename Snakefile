@@ -31,3 +31,11 @@ rule all:
     default_target: True
     input:
         final_outputs,
+
+
+onsuccess:
+    summarise_problems(succeeded=True)
+
+
+onerror:
+    summarise_problems(succeeded=False)

@@ -78,7 +78,10 @@ def prepare_cohort(workdir: Path, n_subjects: int, config: dict, jobs: int = 1, 
     settings = SyntheticCohortSettings.from_config(
         {**config["synthetic"], "n_subjects": n_subjects, "n_ild": n_subjects // 2}
     )
-    preprocess = PreprocessSettings.from_config(config["preprocess"], "exhale")
+    section = dict(config["preprocess"])
+    if section["grid_shape"] == "auto":  # as the workflow plans it: the synthetic field of view
+        section["grid_shape"] = list(settings.covering_shape(section["factor"]))
+    preprocess = PreprocessSettings.from_config(section, "exhale")
     subjects = settings.subject_ids()
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:

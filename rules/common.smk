@@ -3,6 +3,7 @@
 
 import os
 import re
+import time
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -12,6 +13,9 @@ from snakemake.utils import validate
 from lungreg import manifest, study
 from lungreg.io import InputError
 from lungreg.synthetic.settings import SyntheticCohortSettings, subject_table
+from lungreg.workflow import run_problems
+
+RUN_STARTED = time.time()  # the end-of-run summary lists the problems logged since
 
 # Jobs import the library from this checkout, also inside --sdm conda environments. (Set with
 # update(): `snakemake --lint` takes an item assignment for a variable the user must define.)
@@ -70,24 +74,57 @@ FIXED_PHASE = config["pairs"]["fixed_phase"]
 
 
 def load_cohort():
-    """Subjects with label, input files and split; every input checked before any job runs."""
+    """Subjects with label, input files and split, and the manifest's checks (None for the synthetic
+    cohort); every input checked before any job runs."""
+    checks = None
     if config["subjects"]:
         try:
             frame = manifest.read_manifest(config["subjects"])
             validate(frame, "../config/schemas/subjects.schema.yaml")
-            manifest.check_subjects(frame, cache_path="results/.cache/input_checks.json")
+            checks = manifest.check_subjects(frame, cache_path="results/.cache/input_checks.json")
         except InputError as error:
             raise WorkflowError(f"bad input: {error}") from None
     else:
         frame = subject_table(SyntheticCohortSettings.from_config(config["synthetic"]))
         for item in SYNTHETIC_FILES:
             frame[item] = [synthetic_path(s, item) for s in frame["subject"]]
-    split = config["split"]
-    frame["split"] = study.split_subjects(frame, split["n_validation"], split["seed"], split["min_subjects"])
-    return frame.reset_index(drop=True)
+    split = study.SplitSettings.from_config(config["split"])
+    n_validation = split.n_validation_for(len(frame))
+    logger.info(split.describe(len(frame)))
+    frame["split"] = study.split_subjects(frame, n_validation, split.seed, split.min_subjects)
+    return frame.reset_index(drop=True), checks
 
 
-COHORT = load_cohort()
+def preprocess_section():
+    """The preprocess: section the jobs get, `grid_shape: auto` resolved for this cohort: a manifest's
+    from its lung masks (`cohort_grid_shape`; each subject centred on its lungs), the synthetic
+    cohort's the shape that holds its rendered field of view (it has no masks while planning)."""
+    section = dict(config["preprocess"])
+    if section["grid_shape"] != "auto":
+        outside = (
+            manifest.lungs_outside_grid(CHECKS, FIXED_PHASE, section["factor"], section["grid_shape"]) if CHECKS else []
+        )
+        for subject, phase in outside:
+            logger.warning(
+                f"subject {subject}, {phase}: the lung mask reaches outside preprocess.grid_shape "
+                f"{section['grid_shape']}; its preprocess job measures the share cropped (grid_shape: auto avoids it)"
+            )
+        return section
+    if CHECKS is None:
+        synthetic = SyntheticCohortSettings.from_config(config["synthetic"])
+        section["grid_shape"] = list(synthetic.covering_shape(section["factor"]))
+        logger.info(f"preprocess: grid_shape auto: {section['grid_shape']} (z, y, x), the synthetic field of view")
+        return section
+    shape = manifest.lung_grid_shape(CHECKS, FIXED_PHASE, section["factor"], section["grid_margin_mm"])
+    section["cohort_grid_shape"] = list(shape)
+    logger.info(
+        f"preprocess: grid_shape auto: {list(shape)} (z, y, x), the lung masks' boxes + {section['grid_margin_mm']} mm"
+    )
+    return section
+
+
+COHORT, CHECKS = load_cohort()
+PREPROCESS = preprocess_section()
 SUBJECTS = COHORT["subject"].tolist()
 SYNTHETIC_COHORT = not config["subjects"]
 VARIANTS = config["network"]["variants"]
@@ -127,6 +164,11 @@ def subject_inputs(wildcards):
     if row["inhale_landmarks"]:  # optional: "" (subjects.schema.yaml) when a subject has none
         items += ["inhale_landmarks", "exhale_landmarks"]
     return {item: row[item] for item in items}
+
+
+def subject_qc_files(wildcards=None):
+    """Every subject's checks (crop, clipping, landmarks), gathered into results/tables/qc.tsv."""
+    return [str(PREPROCESSED.qc(s)) for s in SUBJECTS]
 
 
 def preprocessed_files(subject, phase):
@@ -462,7 +504,20 @@ def report_outputs(wildcards=None):
 
 # ------------------------------------------------------------------------ targets
 
-TABLES = ["pairs", "landmarks", "table1_dice", "table2_landmarks", "jacobian", "endpoint_error"]
+TABLES = ["pairs", "landmarks", "table1_dice", "table2_landmarks", "jacobian", "endpoint_error", "qc"]
+QC_TABLE = table_path("qc")
+
+
+def summarise_problems(succeeded):
+    """The run's last lines (onsuccess / onerror): one per problem in qc.tsv and in the jobs' logs."""
+    problems = run_problems("results/logs", RUN_STARTED, QC_TABLE)
+    if not problems:
+        logger.info("No problems found (results/tables/qc.tsv)." if succeeded else "")
+        return
+    where = "results/tables/qc.tsv and results/logs/" if succeeded else "results/logs/"
+    logger.warning(f"{len(problems)} problem(s) in this run ({where}):")
+    for line in problems:
+        logger.warning(f"  {line}")
 
 
 def final_outputs(wildcards=None):

@@ -1,4 +1,4 @@
-# Gather every method's per-pair rows into the paper's tables.
+# Gather every method's per-pair rows into the paper's tables, and every check into qc.tsv.
 
 
 rule tables:
@@ -6,6 +6,7 @@ rule tables:
         cohort=rules.cohort_table.output[0],
         metrics=registration_results("metrics"),
         landmarks=registration_results("landmarks"),
+        qc=subject_qc_files(),
     output:
         **{
             table: report(table_path(table), caption=f"../report/tables/{table}.rst", category="Tables")

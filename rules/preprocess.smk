@@ -10,6 +10,7 @@ rule preprocess:
             for phase in ("inhale", "exhale")
             for item in ("image", "mask", "landmarks")
         },
+        qc=str(PREPROCESSED.qc("{subject}")),
     log:
         log_path("preprocess/{subject}"),
     benchmark:
@@ -17,7 +18,7 @@ rule preprocess:
     conda:
         "../envs/imaging.yaml"
     params:
-        settings=config["preprocess"],
+        settings=PREPROCESS,
         reference_phase=FIXED_PHASE,
     script:
         "../scripts/preprocess.py"

@@ -30,6 +30,6 @@ rule train:
         model=model_settings,
         loss=config["loss"],
         train=config["train"],
-        preprocess=config["preprocess"],
+        preprocess=PREPROCESS,
     script:
         "../scripts/train.py"

@@ -9,4 +9,5 @@ with log_to(snakemake.log[0]):
         snakemake.input.metrics,
         snakemake.input.landmarks,
         {name: snakemake.output[name] for name in snakemake.output.keys()},
+        snakemake.input.qc,
     )

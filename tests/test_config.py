@@ -27,6 +27,7 @@ from lungreg.study import (
     FIELD_SOURCES,
     NETWORK_VARIANTS,
     REGIONAL_CLASSIFIERS,
+    SplitSettings,
     protocol_pairs,
     split_subjects,
 )
@@ -83,6 +84,7 @@ def test_the_library_keeps_no_default_the_schema_does_not_have(schema_defaults):
     config = schema_defaults
     assert SyntheticCohortSettings.from_config(config["synthetic"]) == SyntheticCohortSettings()
     assert_library_agrees(PreprocessSettings, config["preprocess"], {"reference_phase": config["pairs"]["fixed_phase"]})
+    assert_library_agrees(SplitSettings, config["split"])
     assert library_defaults(PreprocessSettings)["reference_phase"] == config["pairs"]["fixed_phase"]
     assert_library_agrees(ModelSettings, config["model"])
     assert_library_agrees(LossSettings, config["loss"])
@@ -125,7 +127,7 @@ def test_validate_fills_nested_sections_and_defaults_beside_a_ref():
     minimal = {
         "subjects": None,
         "preprocess": {"intensity_range": [0, 1], "factor": 1, "grid_shape": [8, 8, 8]},
-        "split": {"n_validation": 1},
+        "split": {"validation_fraction": 0.25},
         "network": {"variants": ["proposed"]},
         "model": {"width": 1},
         "loss": {"beta": 1e-6, "mask_weighted": False},
@@ -146,6 +148,35 @@ def test_validate_fills_nested_sections_and_defaults_beside_a_ref():
     assert config["baselines"]["sitk_demons"]["linear_iterations"] == 200  # both $refs
     assert config["classify"]["cnn"]["epochs"] == 150 and config["report"] == {"method": "proposed", "subjects": 3}
     assert config["synthetic"]["n_subjects"] == 41 and config["pairs"]["fixed_phase"] == "exhale"
+    assert config["split"]["n_validation"] is None and config["preprocess"]["max_mask_crop"] == 0.01
+
+
+def test_the_default_split_is_the_papers_13_of_41_and_scales_with_the_cohort(config):
+    split = SplitSettings.from_config(config["split"])
+    assert split.n_validation_for(config["synthetic"]["n_subjects"]) == 13  # the paper's 28 + 13
+    assert split.n_validation_for(16) == 5  # 11 train (13 of 16 would leave 3)
+    assert split.n_validation_for(10) == 10 - split.min_training  # the floor on training subjects
+    assert split.n_validation_for(split.min_training) == 0  # then no split: train and evaluate on all
+    explicit = SplitSettings.from_config({**config["split"], "n_validation": 13})
+    assert explicit.n_validation_for(16) == 13 and explicit.n_validation_for(13) == 0
+    assert "5 validation and 11 training subjects" in split.describe(16)
+
+
+def test_the_default_grid_of_the_synthetic_cohort_is_its_field_of_view(config):
+    """grid_shape: auto leaves the synthetic default study as it was (24 x 48 x 48 at 2/3)."""
+    assert config["preprocess"]["grid_shape"] == "auto"
+    synthetic = SyntheticCohortSettings.from_config(config["synthetic"])
+    assert synthetic.covering_shape(config["preprocess"]["factor"]) == (24, 48, 48)
+    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    scaled = SyntheticCohortSettings.from_config({**config["synthetic"], **paper["synthetic"]})
+    assert scaled.covering_shape(paper["preprocess"]["factor"]) == tuple(paper["preprocess"]["grid_shape"])
+
+
+def test_the_ct_preset_validates_and_sets_a_ct_window_and_the_auto_grid(config):
+    ct = yaml.safe_load((REPO / "config" / "ct.yaml").read_text())
+    merged = effective({k: ({**config[k], **v} if isinstance(v, dict) else v) for k, v in {**config, **ct}.items()})
+    assert merged["preprocess"]["grid_shape"] == "auto" and merged["preprocess"]["intensity_range"][0] <= -1000
+    PreprocessSettings.from_config(merged["preprocess"], "exhale")
 
 
 def test_settings_from_refuses_unknown_and_missing_keys_in_one_message():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,8 @@ from lungreg.network.model import ModelSettings, RegistrationNet
 from lungreg.registration.base import IdentityRegistrar, LoadedPair
 from lungreg.registration.network import NetworkRegistrar
 from lungreg.study import Pair
-from lungreg.tables import summary_tables
+from lungreg.tables import pair_checks, qc_table, summary_tables
+from lungreg.workflow import run_problems
 
 ANISOTROPIC = Grid(
     size=(10, 8, 6), spacing=(1.0, 2.0, 4.0), origin=(5.0, -3.0, 10.0), direction=tuple(np.eye(3).ravel())
@@ -169,3 +172,78 @@ def test_summary_tables_use_the_validation_subjects_only():
     assert table1.loc["proposed", "inhale_exhale_dice_mean"] == pytest.approx(85.0)
     assert table1.loc["proposed", "inhale_exhale_pairs"] == 2
     assert table1.loc["unregistered", "evaluated_on"] == "validation subjects"
+
+
+def registered(method, subject, dice, folded=0.0, **extra):
+    return {
+        "method": method,
+        "protocol": "inhale_exhale",
+        "pair": f"{subject}_inhale__{subject}_exhale",
+        "fixed_subject": subject,
+        "fixed_phase": "exhale",
+        "dice": dice,
+        "jacobian_min": -0.2 if folded else 0.6,
+        "jacobian_fraction_nonpositive": folded,
+        **extra,
+    }
+
+
+def test_qc_flags_dice_below_unregistered_folding_and_baseline_flags_and_nothing_else(tmp_path):
+    pairs = pd.DataFrame(
+        [
+            registered("unregistered", "a", 0.80),
+            registered("unregistered", "b", 0.70),
+            registered("proposed", "a", 0.75),  # worse than unregistered
+            registered("proposed", "b", 0.90, folded=0.01),  # better, but folds
+            registered("sitk_bspline", "a", 0.85, flag="affine:zero_iterations", stop_condition="Already minimized"),
+            registered("sitk_bspline", "b", 0.86, flag="ok", stop_condition="converged"),
+        ]
+    )
+    checks = pair_checks(pairs)
+    found = {(r["method"], r["pair"].split("_")[0], r["check"]) for r in checks.to_dict("records")}
+    assert found == {
+        ("proposed", "a", "dice_below_unregistered"),
+        ("proposed", "b", "folding"),
+        ("sitk_bspline", "a", "baseline_flag"),
+    }
+    messages = checks.set_index("check")["message"]
+    assert messages["dice_below_unregistered"] == "Dice 0.750 below Unregistered's 0.800"
+    assert messages["folding"] == "det J <= 0 in 1% of the fixed lung (min det J -0.2)"
+    assert "affine:zero_iterations" in messages["baseline_flag"] and "Already minimized" in messages["baseline_flag"]
+    subject = pd.DataFrame(
+        [["a", "inhale", "", "", "", "mask_cropped", 0.004, 0.01, True, "inhale: the common grid ... crops 0.4%"]],
+        columns=checks.columns,
+    )
+    table = qc_table([subject], pairs)
+    assert len(table) == 4 and table["problem"].all()
+    # the run's last lines: one per problem row, in the words the jobs logged
+    path = tmp_path / "qc.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    lines = run_problems(tmp_path / "no_logs", since=0.0, qc_table=path)
+    assert len(lines) == 4
+    assert lines[0] == f"subject a, inhale: the common grid ... crops 0.4% [{path}]"
+    assert any(line.startswith("proposed inhale_exhale a_inhale__a_exhale: Dice 0.750") for line in lines)
+
+
+def test_run_problems_reads_this_runs_warnings_and_errors_once(tmp_path):
+    since = time.time() - 60  # the run started a minute ago
+
+    def at(seconds: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S,000", time.localtime(since + seconds))
+
+    log = tmp_path / "logs" / "preprocess" / "s1.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(
+        f"{at(-3600)} WARNING lungreg.preprocess: an old warning of an earlier run\n"
+        f"{at(1)} INFO lungreg.preprocess: fine\n"
+        f"{at(1)} WARNING lungreg.preprocess: subject s1, a warning\n"
+        f"{at(2)} WARNING lungreg.preprocess: subject s1, a warning\n"
+        f"{at(3)} ERROR lungreg: job failed\n"
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\n'
+        "ValueError: something unexpected\n"
+    )
+    assert run_problems(tmp_path / "logs", since) == [
+        f"subject s1, a warning [{log}]",
+        f"job failed: something unexpected [{log}]",
+    ]

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from lungreg.geometry import Grid, common_grid
-from lungreg.io import read_landmarks
-from lungreg.manifest import check_subjects, read_manifest
+from lungreg.geometry import Grid, common_grid, mask_box_corners
+from lungreg.io import InputError, read_landmarks, read_table
+from lungreg.manifest import check_subjects, lung_grid_shape, lungs_outside_grid, read_manifest
 from lungreg.preprocess import (
+    QC_COLUMNS,
     PreprocessSettings,
     clip_and_scale,
     covering_shape,
@@ -59,8 +60,11 @@ def write_csv(points, path: Path, names=None) -> Path:
     return path
 
 
-def settings(shape, factor=2 / 3, low=0.0, high=1.0, masks="nearest", reference="exhale") -> PreprocessSettings:
-    return PreprocessSettings((low, high), factor, tuple(shape), masks, reference)
+def settings(
+    shape, factor=2 / 3, low=0.0, high=1.0, masks="nearest", reference="exhale", max_crop=1.0
+) -> PreprocessSettings:
+    """Settings for these tests; their masks often fill the whole image, so cropping is allowed unless asked."""
+    return PreprocessSettings((low, high), factor, tuple(shape), masks, reference, max_mask_crop=max_crop)
 
 
 def read_outputs(out: Path) -> dict:
@@ -92,6 +96,9 @@ def test_settings_from_config_and_their_checks():
         {"factor": 0},
         {"grid_shape": [24, 48]},
         {"grid_shape": [24, 48.5, 48]},
+        {"grid_shape": "automatic"},
+        {"max_mask_crop": 1.5},
+        {"max_clipped_lung": -0.1},
         {"mask_interpolation": "cubic"},
         {"grid_shap": [1, 2, 3]},
     ):
@@ -101,6 +108,8 @@ def test_settings_from_config_and_their_checks():
         PreprocessSettings.from_config(section, "baseline")
     with pytest.raises(ValueError, match="lacks: factor"):
         PreprocessSettings.from_config({k: v for k, v in section.items() if k != "factor"}, "inhale")
+    auto = PreprocessSettings.from_config({**section, "grid_shape": "auto", "cohort_grid_shape": [7, 8, 9]}, "exhale")
+    assert auto.auto and auto.shape == (7, 8, 9) and s.shape == (24, 48, 48)
 
 
 # ------------------------------------------------------------------------ intensities
@@ -330,7 +339,7 @@ def test_without_landmarks_the_tables_have_a_header_only(tmp_path):
         assert (tmp_path / "out" / f"{phase}_landmarks.csv").read_text() == "landmark,x,y,z,in_view\n"
 
 
-def test_cropped_lung_mask_is_warned_with_the_fraction_lost(tmp_path, caplog):
+def cropped_subject(tmp_path: Path) -> tuple[dict, np.ndarray, Grid]:
     g = Grid((20, 20, 10), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), rotation(0))
     mask = np.zeros(g.shape, np.uint8)
     mask[:, :, :10] = 1  # left half; a centred grid 10 voxels wide keeps x in [5, 15) only
@@ -338,11 +347,94 @@ def test_cropped_lung_mask_is_warned_with_the_fraction_lost(tmp_path, caplog):
         **write_phase(tmp_path / "in", "inhale", image_on(g, np.full(g.shape, 0.5)), image_on(g, mask, np.uint8)),
         **write_phase(tmp_path / "in", "exhale", image_on(g, np.full(g.shape, 0.5))),
     }
+    return inputs, mask, g
+
+
+def test_a_grid_cropping_more_of_a_lung_mask_than_allowed_stops_before_anything_is_written(tmp_path, caplog):
+    inputs, _, _ = cropped_subject(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="lungreg.preprocess"):
+        with pytest.raises(InputError) as error:
+            preprocess_subject("w1", inputs, settings((10, 20, 10), factor=1.0, max_crop=0.01), tmp_path / "out")
+    message = str(error.value)
+    assert message.startswith(f"subject w1: {inputs['inhale_mask']}: inhale: ")
+    assert "crops 50.0% of the inhale lung mask (preprocess.max_mask_crop: 1.0%)" in message
+    assert "set preprocess.grid_shape: auto" in message and "\n" not in message
+    assert "exhale" in caplog.text  # the exhale mask (all ones) is cropped too: logged, one line each
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_crop_below_the_limit_is_a_warning_with_the_fraction_lost_in_qc(tmp_path, caplog):
+    inputs, mask, g = cropped_subject(tmp_path)
+    tolerant = PreprocessSettings((0.0, 1.0), 1.0, (10, 20, 10), max_mask_crop=0.6)
     with caplog.at_level(logging.WARNING, logger="lungreg.preprocess"):
-        summary = preprocess_subject("w1", inputs, settings((10, 20, 10), factor=1.0), tmp_path / "out")
+        summary = preprocess_subject("w1", inputs, tolerant, tmp_path / "out")
     assert summary.mask_fraction_lost == {"inhale": pytest.approx(0.5), "exhale": pytest.approx(0.5)}
-    assert "crops 50.0% of the inhale lung mask" in caplog.text
+    assert "subject w1, inhale: the common grid (10 x 20 x 10 voxels of 1 x 1 x 1 mm) crops 50.0%" in caplog.text
     assert mask_fraction_outside(image_on(g, mask, np.uint8), g) == 0.0
+    qc = read_table(tmp_path / "out" / "qc.tsv")
+    assert list(qc.columns) == QC_COLUMNS
+    cropped = qc[qc["check"] == "mask_cropped"].set_index("phase")
+    assert cropped["value"].to_dict() == {"inhale": 0.5, "exhale": 0.5} and cropped["problem"].all()
+
+
+def test_auto_grid_centres_on_both_lung_masks_and_crops_nothing(tmp_path):
+    g = Grid((40, 30, 20), (1.0, 2.0, 3.0), (5.0, -7.0, 11.0), rotation(20))
+    masks = {}
+    for phase, shift in (("inhale", 0), ("exhale", 3)):
+        mask = np.zeros(g.shape, np.uint8)
+        mask[2 + shift : 9 + shift, 4:20, 22 + shift : 33] = 1  # off-centre, different per phase
+        masks[phase] = image_on(g, mask, np.uint8)
+    inputs = {}
+    for phase in PHASES:
+        inputs |= write_phase(tmp_path / "in", phase, image_on(g, np.full(g.shape, 0.5)), masks[phase])
+    auto = PreprocessSettings((0.0, 1.0), 0.5, "auto", grid_margin_mm=4.0)
+    summary = preprocess_subject("a1", inputs, auto, tmp_path / "out")
+    assert summary.mask_fraction_lost == {"inhale": 0.0, "exhale": 0.0}
+    corners = np.concatenate([mask_box_corners(masks[p]) for p in PHASES])
+    assert summary.grid.contains(corners).all()
+    # the formula: per axis ceil((lung-box extent + 2 margin) / (spacing / factor)), along the grid's axes
+    local = corners @ g.direction_matrix  # the masks lie 4 mm or more inside the image: the margin fits
+    extent = local.max(axis=0) - local.min(axis=0)
+    expected = np.ceil((extent + 8.0) / (np.asarray(g.spacing) / 0.5) - 1e-3).astype(int)
+    assert summary.grid.size == tuple(expected)
+    centre = summary.grid.index_to_world((np.asarray(summary.grid.size) - 1) / 2)
+    np.testing.assert_allclose(centre @ g.direction_matrix, (local.max(axis=0) + local.min(axis=0)) / 2, atol=1e-9)
+    # one shape for the cohort: the workflow's cohort_grid_shape wins over the subject's own
+    bigger = PreprocessSettings((0.0, 1.0), 0.5, "auto", grid_margin_mm=4.0, cohort_grid_shape=(9, 10, 11))
+    assert preprocess_subject("a1", inputs, bigger, tmp_path / "out2").grid.shape == (9, 10, 11)
+
+
+def lung_volume(tmp_path: Path, lung_value: float, clipped: float = 0.0) -> dict:
+    g = Grid((12, 12, 8), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), rotation(0))
+    values = np.full(g.shape, lung_value, np.float32)
+    values.reshape(-1)[: int(round(clipped * values.size))] = -3000.0  # this share below the window
+    inputs = {}
+    for phase in PHASES:
+        inputs |= write_phase(tmp_path / "in", phase, image_on(g, values))
+    return inputs
+
+
+def test_a_window_that_clips_most_lung_voxels_stops_and_names_the_ct_preset(tmp_path):
+    inputs = lung_volume(tmp_path, -850.0)  # Hounsfield units through the MRI window
+    with pytest.raises(InputError) as error:
+        preprocess_subject("ct1", inputs, settings((8, 12, 12), factor=1.0, low=0.0, high=1300.0), tmp_path / "out")
+    message = str(error.value)
+    assert message.startswith(f"subject ct1: {inputs['inhale']}: inhale: 100.0% of the lung voxels lie below")
+    assert "preprocess.intensity_range [0, 1300]" in message and "(preprocess.max_clipped_lung: 50.0%)" in message
+    assert "config/ct.yaml" in message and not (tmp_path / "out").exists()
+
+
+def test_partial_clipping_is_a_warning_in_qc_and_the_right_window_none(tmp_path):
+    inputs = lung_volume(tmp_path, -850.0, clipped=0.2)
+    preprocess_subject("ct1", inputs, settings((8, 12, 12), factor=1.0, low=-1024.0, high=300.0), tmp_path / "out")
+    qc = read_table(tmp_path / "out" / "qc.tsv").set_index(["phase", "check"])
+    assert qc.loc[("inhale", "lung_clipped_low"), "value"] == pytest.approx(0.2, abs=1e-3)
+    assert qc.loc[("inhale", "lung_clipped_low"), "problem"]
+    assert not qc.loc[("inhale", "lung_clipped_high"), "problem"]
+    clean = lung_volume(tmp_path / "clean", -850.0)
+    preprocess_subject("ct2", clean, settings((8, 12, 12), factor=1.0, low=-1024.0, high=300.0), tmp_path / "out2")
+    assert not read_table(tmp_path / "out2" / "qc.tsv")["problem"].any()
 
 
 # -------------------------------------------------------------------------- NIfTI files
@@ -420,3 +512,101 @@ def test_real_ct_pair_through_manifest_checks_and_preprocessing(tmp_path, elasti
         assert list(table["landmark"]) == list(range(100))
     flags = [result[f"{p}_landmarks"]["in_view"].to_numpy() for p in PHASES]
     np.testing.assert_array_equal(flags[0], flags[1])
+
+
+def elastix_manifest(tmp_path: Path, data: Path, inhale: str | None = None) -> pd.DataFrame:
+    """The real CT pair in the README's manifest format (baseline as inhale, follow-up as exhale)."""
+    rel = lambda path: os.path.relpath(path, tmp_path)  # noqa: E731 - relative to the manifest
+    path = tmp_path / "subjects.tsv"
+    path.write_text(
+        "subject\tlabel\tinhale\texhale\tinhale_mask\texhale_mask\tinhale_landmarks\texhale_landmarks\n"
+        f"elastix01\t\t{rel(inhale or data / 'baseline.mha')}\t{rel(data / 'followup.mha')}\t"
+        f"{rel(data / 'baseline_mask.mha')}\t{rel(data / 'followup_mask.mha')}\t"
+        f"{rel(data / 'baseline_landmarks.txt')}\t{rel(data / 'followup_landmarks.txt')}\n"
+    )
+    return read_manifest(path)
+
+
+CT = {"intensity_range": [-1024, 300], "factor": 0.3333333, "grid_shape": "auto"}
+
+
+def test_real_ct_pair_on_the_auto_grid_keeps_every_lung_voxel_and_the_51_landmark_pairs(tmp_path, elastix_lung_pair):
+    frame = elastix_manifest(tmp_path, elastix_lung_pair)
+    report = check_subjects(frame)
+    shape = lung_grid_shape(report, "exhale", CT["factor"], 15.0)
+    settings_ = PreprocessSettings.from_config({**CT, "cohort_grid_shape": list(shape)}, "exhale")
+    summary = preprocess_subject("elastix01", frame.loc[0].to_dict(), settings_, tmp_path / "out")
+    assert summary.grid.shape == shape
+    assert summary.mask_fraction_lost == {"inhale": 0.0, "exhale": 0.0}
+    assert (summary.landmarks, summary.in_view, summary.excluded) == (100, 51, 49)  # all in both originals
+    qc = read_table(tmp_path / "out" / "qc.tsv")
+    assert not qc["problem"].any(), qc[qc["problem"]].to_dict("records")
+    # a grid set by hand: the planner knows before any job which lung masks reach outside it
+    assert lungs_outside_grid(report, "exhale", 2 / 3, (24, 48, 48)) == [
+        ("elastix01", "inhale"),
+        ("elastix01", "exhale"),
+    ]
+    assert lungs_outside_grid(report, "exhale", CT["factor"], (49, 56, 41)) == []
+    # never larger than the grid that holds both fields of view (the margin is cut to the images)
+    grids = [Grid.of(sitk.ReadImage(frame.loc[0, p])) for p in PHASES]
+    assert all(a <= b for a, b in zip(shape, covering_shape(grids, grids[1], CT["factor"])))
+    assert np.prod(shape) < np.prod(covering_shape(grids, grids[1], CT["factor"]))
+
+
+def write_dicom_series(image: sitk.Image, folder: Path) -> None:
+    """`image` as a CT DICOM series, one file per slice (SimpleITK's series writer, GDCM)."""
+    folder.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    orientation = "\\".join(f"{v:.10g}" for v in (*direction[0::3], *direction[1::3]))
+    series = "1.2.826.0.1.3680043.2.1125.1.14"
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in (
+            ("0008|0060", "CT"),
+            ("0020|000e", series),
+            ("0020|000d", series + ".0"),
+            ("0020|0037", orientation),
+            ("0020|0032", "\\".join(f"{v:.10g}" for v in position)),
+            ("0020|0013", str(k + 1)),
+            ("0018|0050", f"{image.GetSpacing()[2]:.10g}"),
+            ("0028|0030", "\\".join(f"{v:.10g}" for v in image.GetSpacing()[1::-1])),
+            ("0008|0018", f"{series}.{k + 1}"),
+        ):
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice_{k:04d}.dcm"))
+        writer.Execute(slice_)
+
+
+def test_real_ct_as_a_dicom_series_through_the_manifest_keeps_the_mha_geometry(tmp_path, elastix_lung_pair):
+    original = sitk.ReadImage(str(elastix_lung_pair / "baseline.mha"))
+    write_dicom_series(original, tmp_path / "dicom" / "baseline")
+    frame = elastix_manifest(tmp_path, elastix_lung_pair, inhale=tmp_path / "dicom" / "baseline")
+    assert frame.loc[0, "inhale"] == str(tmp_path / "dicom" / "baseline")
+    report = check_subjects(frame)  # the folder is read as one DICOM series
+    assert report["elastix01"].in_view == 51
+    dicom, mha = report["elastix01"].grids["inhale"], Grid.of(original)
+    assert dicom.size == mha.size == (115, 157, 129)
+    np.testing.assert_allclose(dicom.spacing, mha.spacing, atol=1e-6)
+    np.testing.assert_allclose(dicom.origin, mha.origin, atol=1e-6)
+    np.testing.assert_allclose(dicom.direction, mha.direction, atol=1e-9)
+    read = sitk.ReadImage(sorted(str(p) for p in (tmp_path / "dicom" / "baseline").iterdir()))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(original))  # the HU voxels
+    # and the preprocessed volumes are those of the MHA original
+    (tmp_path / "mha").mkdir()
+    by_mha = elastix_manifest(tmp_path / "mha", elastix_lung_pair)
+    shape = lung_grid_shape(report, "exhale", CT["factor"], 15.0)
+    assert shape == lung_grid_shape(check_subjects(by_mha), "exhale", CT["factor"], 15.0)
+    settings_ = PreprocessSettings.from_config({**CT, "cohort_grid_shape": list(shape)}, "exhale")
+    outputs = {}
+    for name, table in (("dicom", frame), ("mha", by_mha)):
+        summary = preprocess_subject("elastix01", table.loc[0].to_dict(), settings_, tmp_path / f"out_{name}")
+        assert (summary.in_view, summary.excluded) == (51, 49)
+        outputs[name] = read_outputs(tmp_path / f"out_{name}")
+    for key in ("inhale", "inhale_mask"):
+        assert Grid.of(outputs["dicom"][key]) == Grid.of(outputs["mha"][key])
+        np.testing.assert_allclose(
+            sitk.GetArrayFromImage(outputs["dicom"][key]), sitk.GetArrayFromImage(outputs["mha"][key]), atol=1e-6
+        )

@@ -75,6 +75,17 @@ def test_tiny_study_produces_every_table_with_the_expected_rows(tiny_study):
     assert set(sources["source"]) == {"proposed_refined", "ground_truth"}
 
 
+def test_tiny_study_writes_every_subjects_checks_to_qc_and_crops_nothing(tiny_study):
+    qc = table(tiny_study, "qc")
+    subjects = qc[qc["method"].isna()]
+    assert subjects.groupby("subject").size().to_dict() == {s: 8 for s in subjects["subject"].unique()}
+    assert subjects["subject"].nunique() == TINY_SUBJECTS
+    cropped = subjects[subjects["check"] == "mask_cropped"]
+    assert len(cropped) == 2 * TINY_SUBJECTS and (cropped["value"] == 0).all()  # the grid holds the whole view
+    in_view = subjects[subjects["check"] == "landmarks_in_view"]
+    assert (in_view["value"] == in_view["limit"]).all()  # 11 of 11 synthetic landmarks
+
+
 def test_classical_baselines_beat_unregistered_on_the_tiny_study(tiny_study):
     table1 = table(tiny_study, "table1_dice").set_index("method")
     for method in ("syn", "sitk_bspline"):
@@ -125,44 +136,81 @@ def test_bad_manifest_stops_before_anything_is_written(tmp_path):
     assert not (workdir / "results").exists()
 
 
-@pytest.fixture
-def real_ct_study(tmp_path, elastix_lung_pair):
-    """The real CT pair as a one-subject, unlabelled cohort."""
-    manifest = tmp_path / "subjects.tsv"
+def elastix_manifest(folder, data):
+    """The real CT pair as a one-subject, unlabelled cohort, in the README's manifest format."""
+    manifest = folder / "subjects.tsv"
     names = ["baseline", "followup"]
     rows = {
         "subject": "elastix01",
         "label": "",
-        **{phase: str(elastix_lung_pair / f"{n}.mha") for phase, n in zip(("exhale", "inhale"), names)},
-        **{f"{phase}_mask": str(elastix_lung_pair / f"{n}_mask.mha") for phase, n in zip(("exhale", "inhale"), names)},
-        **{
-            f"{phase}_landmarks": str(elastix_lung_pair / f"{n}_landmarks.txt")
-            for phase, n in zip(("exhale", "inhale"), names)
-        },
+        **{phase: str(data / f"{n}.mha") for phase, n in zip(("exhale", "inhale"), names)},
+        **{f"{phase}_mask": str(data / f"{n}_mask.mha") for phase, n in zip(("exhale", "inhale"), names)},
+        **{f"{phase}_landmarks": str(data / f"{n}_landmarks.txt") for phase, n in zip(("exhale", "inhale"), names)},
     }
     pd.DataFrame([rows]).to_csv(manifest, sep="\t", index=False)
-    config = tmp_path / "ct.yaml"
-    config.write_text(
-        "preprocess: {intensity_range: [-1000, 300], factor: 0.3333333, grid_shape: [49, 56, 41]}\n"
-        "split: {n_validation: 0}\n"
+    return manifest
+
+
+def run_summary(result) -> str:
+    """The run's last lines from its summary of problems on (Snakemake adds a few lines of its own)."""
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if "problem(s) in this run" in line]
+    assert starts, "no summary of problems at the end of the run:\n" + "\n".join(lines[-20:])
+    summary = lines[starts[-1] :]
+    assert len(summary) <= int(summary[0].split("problem(s)")[0].split()[-1]) + 6, summary  # at the very end
+    return "\n".join(summary)
+
+
+def test_real_ct_pair_with_the_ct_preset_scores_51_pairs_and_reports_a_bad_setting_at_the_end(
+    tmp_path, elastix_lung_pair
+):
+    """config/ct.yaml (auto grid, CT window) on the real pair: the 51 landmark pairs in both original
+    views are scored, nothing cropped. Two deliberate faults, a window that clips 12% of the
+    follow-up's (inhale) lung and a B-spline that may not iterate, reach qc.tsv and the run's last lines."""
+    workdir = copy_workflow(tmp_path / "study")
+    manifest = elastix_manifest(tmp_path, elastix_lung_pair)
+    faults = tmp_path / "faults.yaml"
+    faults.write_text(
+        "preprocess: {intensity_range: [-1000, 300]}\n"  # the fault: below -1000 HU is clipped
         "model: {width: 0.125}\n"
         "train: {epochs: 2}\n"
+        "refine: {stages: []}\n"
         "inference: {protocols: [inhale_exhale], chunks: {inhale_exhale: 1}}\n"
-        "baselines: {syn: {enabled: false}, sitk_bspline: {enabled: false}}\n"
+        "baselines: {syn: {enabled: false}, sitk_bspline: {linear_iterations: 0, bspline_iterations: 0}}\n"
         "threads: {gpu_jobs: 1}\n"
     )
-    return copy_workflow(tmp_path / "study"), manifest, config
-
-
-def test_real_ct_pair_runs_end_to_end_with_out_of_view_landmarks_reported(real_ct_study):
-    workdir, manifest, config = real_ct_study
-    result = snakemake(workdir, "--config", f"subjects={manifest}", configfiles=(config,))
-    assert "ILD classification: skipped" in result.stdout + result.stderr
-    table1 = table(workdir, "table1_dice").set_index("method")
-    assert table1.loc["proposed", "evaluated_on"].startswith("all subjects, also used for training")
-    assert table1.loc["proposed", "inhale_exhale_pairs"] == 1
+    result = snakemake(workdir, "--config", f"subjects={manifest}", configfiles=(workdir / "config/ct.yaml", faults))
+    output = result.stdout + result.stderr
+    assert "ILD classification: skipped" in output and "split: 1 subjects, too few" in output
     table2 = table(workdir, "table2_landmarks").set_index("method")
-    assert table2.loc["unregistered", "landmarks_scored"] == 51
-    assert table2.loc["unregistered", "landmarks_excluded"] == 49
+    assert (table2["landmarks_scored"] == 51).all() and (table2["landmarks_excluded"] == 49).all()
     assert 20 < table2.loc["unregistered", "ds_mean"] < 50  # about 34 mm before registration
+    assert table(workdir, "table1_dice").set_index("method").loc["proposed", "evaluated_on"].startswith("all subj")
     assert not (workdir / "results/tables/classification.tsv").exists()
+    qc = table(workdir, "qc")
+    problems = qc[qc["problem"]]
+    assert set(problems["check"]) >= {"lung_clipped_low", "baseline_flag"}
+    clipped = problems[problems["check"] == "lung_clipped_low"]
+    assert list(clipped["phase"]) == ["inhale"] and clipped["value"].between(0.1, 0.15).all()  # the follow-up
+    assert (qc.loc[qc["check"] == "mask_cropped", "value"] == 0).all()
+    assert "zero_iterations" in problems.loc[problems["check"] == "baseline_flag", "message"].iloc[0]
+    end = run_summary(result)
+    assert "subject elastix01, inhale: 12." in end and "sitk_bspline inhale_exhale" in end
+
+
+def test_real_ct_pair_with_the_mri_defaults_stops_before_training_naming_the_ct_preset(tmp_path, elastix_lung_pair):
+    workdir = copy_workflow(tmp_path / "study")
+    manifest = elastix_manifest(tmp_path, elastix_lung_pair)
+    result = snakemake(workdir, "--config", f"subjects={manifest}", configfiles=(), check=False)
+    assert result.returncode != 0
+    end = run_summary(result)
+    assert "subject elastix01" in end and "of the lung voxels lie below the intensity window" in end
+    assert "preprocess.intensity_range [0, 1300]" in end and "config/ct.yaml" in end
+    assert not (workdir / "results/tables").exists() and not (workdir / "results/model").exists()
+    # a grid set by hand that crops the lungs stops too, naming the share and the setting
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("preprocess: {intensity_range: [-1024, 300], grid_shape: [24, 48, 48]}\n")
+    result = snakemake(workdir, "--config", f"subjects={manifest}", configfiles=(grid,), check=False)
+    end = run_summary(result)
+    assert result.returncode != 0 and "of the inhale lung mask (preprocess.max_mask_crop: 1.0%)" in end
+    assert "set preprocess.grid_shape: auto" in end and not (workdir / "results/tables").exists()

@@ -9,6 +9,7 @@ Conventions (the ITK ones, used everywhere outside the network code):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,20 +103,69 @@ class Grid:
         )
 
 
-def common_grid(grids: list[Grid], reference: Grid, factor: float, shape_zyx: tuple[int, int, int]) -> Grid:
-    """The grid both phases of a subject are resampled onto.
+def _along_axes(points: np.ndarray, reference: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """The box of `points` (n, 3) along the reference grid's axes: (low, high) coordinates."""
+    local = np.asarray(points, float).reshape(-1, 3) @ reference.direction_matrix
+    return local.min(axis=0), local.max(axis=0)
 
-    Direction of the reference (fixed-phase) image; its spacing divided by `factor` (2/3 in
-    the paper, so voxels 1.5 times larger); the configured shape; centred on the union of the
-    fields of view of all `grids`, so that different sizes and origins of the phases are fine.
+
+def grid_around(points: np.ndarray, reference: Grid, factor: float, shape_zyx: tuple[int, int, int]) -> Grid:
+    """A grid of shape `shape_zyx` (z, y, x) centred on the box of `points` (n, 3, physical mm).
+
+    Direction of the reference (fixed-phase) image; its spacing divided by `factor` (2/3 in the
+    paper, so voxels 1.5 times larger); the box is taken along the reference's axes.
     """
+    low, high = _along_axes(points, reference)
     direction = reference.direction_matrix
-    local = np.concatenate([g.corners() for g in grids]) @ direction  # coordinates along the axes
-    centre = direction @ ((local.min(axis=0) + local.max(axis=0)) / 2)
+    centre = direction @ ((low + high) / 2)
     spacing = np.asarray(reference.spacing) / factor
     size = np.asarray(shape_zyx[::-1])
     origin = centre - direction @ (spacing * (size - 1) / 2)
     return Grid(tuple(int(s) for s in size), tuple(spacing), tuple(origin), reference.direction)
+
+
+def common_grid(grids: list[Grid], reference: Grid, factor: float, shape_zyx: tuple[int, int, int]) -> Grid:
+    """The grid both phases of a subject are resampled onto, centred on their fields of view.
+
+    `grid_around` the corners of every field of view in `grids`, so that different sizes and
+    origins of the phases are fine.
+    """
+    return grid_around(np.concatenate([g.corners() for g in grids]), reference, factor, shape_zyx)
+
+
+def covering_shape(
+    points: np.ndarray, reference: Grid, factor: float, margin_mm: float = 0.0, tolerance: float = 1e-3
+) -> tuple[int, int, int]:
+    """The smallest shape (z, y, x) of a `grid_around` `points` that holds their box plus `margin_mm`
+    on every side: per axis ceil((extent + 2 margin) / (reference spacing / factor)), an extent
+    within `tolerance` voxels of a whole number rounded down (so 36 voxels at factor 2/3 give 24)."""
+    low, high = _along_axes(points, reference)
+    voxels = (high - low + 2 * margin_mm) / (np.asarray(reference.spacing) / factor)
+    return tuple(int(max(1, math.ceil(v - tolerance))) for v in voxels[::-1])
+
+
+def region_corners(lungs: np.ndarray, fields_of_view: np.ndarray, reference: Grid, margin_mm: float) -> np.ndarray:
+    """The 8 corners (n, 3 -> 8, 3, physical mm) of the box, along the reference's axes, of the points
+    `lungs` grown by `margin_mm` on every side and cut to the box of the points `fields_of_view`
+    (no grid reaches beyond the images for a margin's sake)."""
+    low, high = _along_axes(lungs, reference)
+    fov_low, fov_high = _along_axes(fields_of_view, reference)
+    low, high = np.maximum(low - margin_mm, fov_low), np.minimum(high + margin_mm, fov_high)
+    local = np.array([[x, y, z] for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])])
+    return local @ reference.direction_matrix.T
+
+
+def mask_box_corners(mask: sitk.Image) -> np.ndarray:
+    """The 8 physical corners (voxel edges) of the box of a mask's set voxels, (8, 3); empty: (0, 3)."""
+    array = sitk.GetArrayViewFromImage(mask) != 0
+    if not array.any():
+        return np.zeros((0, 3))
+    bounds = []
+    for axis in (2, 1, 0):  # x, y, z: array axes k, j, i
+        occupied = np.flatnonzero(array.any(axis=tuple(a for a in range(3) if a != axis)))
+        bounds.append((occupied[0] - 0.5, occupied[-1] + 0.5))
+    index = np.array([[x, y, z] for x in bounds[0] for y in bounds[1] for z in bounds[2]])
+    return Grid.of(mask).index_to_world(index)
 
 
 def resample(

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from .geometry import Grid
+from .geometry import Grid, common_grid, covering_shape, mask_box_corners, region_corners
 from .io import InputError, read_image, read_landmarks, write_text
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ OPTIONAL_COLUMNS = ("inhale_landmarks", "exhale_landmarks")
 PATH_COLUMNS = ("inhale", "exhale", "inhale_mask", "exhale_mask", *OPTIONAL_COLUMNS)
 LABELS = ("healthy", "ILD")
 SUBJECT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: masks' lung boxes
 
 
 # ---------------------------------------------------------------------------- manifest
@@ -262,6 +262,8 @@ class SubjectCheck:
     landmarks: int  # pairs in the files
     in_view: int  # pairs with both points in their phase's field of view
     excluded: int  # the others
+    grids: dict[str, Grid] = field(default_factory=dict, compare=False)  # by phase
+    lung_corners: dict[str, np.ndarray] = field(default_factory=dict, compare=False)  # mask boxes, (8, 3) mm
 
     def line(self) -> str:
         if not self.landmarks:
@@ -285,8 +287,8 @@ class CheckReport:
         raise KeyError(subject)
 
     def to_frame(self) -> pd.DataFrame:
-        columns = [f.name for f in dataclasses.fields(SubjectCheck)]
-        return pd.DataFrame([dataclasses.asdict(s) for s in self.subjects], columns=columns)
+        columns = ["subject", "label", "landmarks", "in_view", "excluded"]
+        return pd.DataFrame([{c: getattr(s, c) for c in columns} for s in self.subjects], columns=columns)
 
     def lines(self) -> list[str]:
         return [s.line() for s in self.subjects]
@@ -315,7 +317,7 @@ def _image_facts(subject: str, path: str) -> dict:
 def _mask_facts(subject: str, path: str) -> dict:
     mask = read_image(path, subject)
     check_mask(subject, path, mask)
-    return {"grid": _grid_to_json(Grid.of(mask))}
+    return {"grid": _grid_to_json(Grid.of(mask)), "lung_corners": mask_box_corners(mask).tolist()}
 
 
 def _landmark_facts(subject: str, path: str) -> dict:
@@ -387,13 +389,16 @@ def _save_cache(path: str | os.PathLike, entries: Mapping[str, dict]) -> None:
 def _check_row(row: Mapping[str, str], facts: _FactStore) -> SubjectCheck:
     subject = row["subject"]
     grids = {phase: _grid_from_json(facts.get("image", subject, row[phase])["grid"]) for phase in PHASES}
+    corners = {}
     for phase in PHASES:
-        mask_grid = _grid_from_json(facts.get("mask", subject, row[f"{phase}_mask"])["grid"])
-        check_mask_grid(subject, row[f"{phase}_mask"], mask_grid, row[phase], grids[phase])
+        mask_facts = facts.get("mask", subject, row[f"{phase}_mask"])
+        check_mask_grid(subject, row[f"{phase}_mask"], _grid_from_json(mask_facts["grid"]), row[phase], grids[phase])
+        corners[phase] = np.asarray(mask_facts["lung_corners"], float).reshape(-1, 3)
+    geometry = {"grids": grids, "lung_corners": corners}
     paths = {phase: row.get(f"{phase}_landmarks", "") for phase in PHASES}
     check_landmark_columns(subject, paths["inhale"], paths["exhale"])
     if not paths["inhale"]:
-        return SubjectCheck(subject, row.get("label", ""), 0, 0, 0)
+        return SubjectCheck(subject, row.get("label", ""), 0, 0, 0, **geometry)
     points = {
         phase: np.asarray(facts.get("landmarks", subject, paths[phase])["points"], float).reshape(-1, 3)
         for phase in PHASES
@@ -401,7 +406,7 @@ def _check_row(row: Mapping[str, str], facts: _FactStore) -> SubjectCheck:
     check_landmark_counts(subject, paths, points)
     in_view = int(landmarks_in_view(points, grids).sum())
     total = len(points["inhale"])
-    return SubjectCheck(subject, row.get("label", ""), total, in_view, total - in_view)
+    return SubjectCheck(subject, row.get("label", ""), total, in_view, total - in_view, **geometry)
 
 
 def check_subjects(frame: pd.DataFrame, cache_path: str | os.PathLike | None = None) -> CheckReport:
@@ -419,3 +424,31 @@ def check_subjects(frame: pd.DataFrame, cache_path: str | os.PathLike | None = N
     for line in report.lines():
         log.info(line)
     return report
+
+
+def lung_grid_shape(report: CheckReport, reference_phase: str, factor: float, margin_mm: float) -> tuple[int, int, int]:
+    """The cohort's grid shape (z, y, x) for `preprocess.grid_shape: auto`: per axis, the largest over
+    the subjects of the shape that holds their lung region (the union of both phases' lung-mask boxes
+    grown by `margin_mm`, cut to both fields of view: `geometry.region_corners`), along the reference
+    phase's axes at its spacing / `factor` (`geometry.covering_shape`). Each subject's grid is then
+    centred on its own region (`lungreg.preprocess.subject_grid`)."""
+    shapes = []
+    for check in report.subjects:
+        reference = check.grids[reference_phase]
+        lungs = np.concatenate([check.lung_corners[p] for p in PHASES])
+        fields_of_view = np.concatenate([check.grids[p].corners() for p in PHASES])
+        shapes.append(covering_shape(region_corners(lungs, fields_of_view, reference, margin_mm), reference, factor))
+    return tuple(int(v) for v in np.max(shapes, axis=0))
+
+
+def lungs_outside_grid(
+    report: CheckReport, reference_phase: str, factor: float, shape_zyx: tuple[int, int, int]
+) -> list[tuple[str, str]]:
+    """(subject, phase) of every lung mask whose box reaches outside the subject's grid of a hand-set
+    `grid_shape` (centred on both fields of view): known while planning, before any job; the
+    preprocess job then measures the share of the mask it crops (and stops above max_mask_crop)."""
+    outside = []
+    for check in report.subjects:
+        grid = common_grid([check.grids[p] for p in PHASES], check.grids[reference_phase], factor, shape_zyx)
+        outside += [(check.subject, p) for p in PHASES if not grid.contains(check.lung_corners[p]).all()]
+    return outside

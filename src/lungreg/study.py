@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from .config import settings_from
+
 log = logging.getLogger(__name__)
 
 PHASES = ("inhale", "exhale")
@@ -120,15 +122,64 @@ def other_phase(phase: str) -> str:
     return {"inhale": "exhale", "exhale": "inhale"}[phase]
 
 
+@dataclass(frozen=True)
+class SplitSettings:
+    """How many subjects are held out for validation (the config's `split:` section).
+
+    `n_validation` (a count) when given, else round(validation_fraction x subjects), lowered so
+    that at least `min_training` subjects train. With fewer than `min_subjects` subjects, or no
+    validation subject left, every subject is used for training and for evaluation.
+    """
+
+    validation_fraction: float  # the paper's 13 of 41: 0.3170732 (config/config.yaml)
+    n_validation: int | None = None  # an explicit count (then validation_fraction and min_training are not used)
+    min_training: int = 8
+    min_subjects: int = 4
+    seed: int = 2018
+
+    def __post_init__(self) -> None:
+        if self.n_validation is not None and (isinstance(self.n_validation, bool) or int(self.n_validation) < 0):
+            raise ValueError(f"split.n_validation must be a count >= 0 or null, got {self.n_validation!r}")
+        if not 0 <= float(self.validation_fraction) < 1:
+            raise ValueError(f"split.validation_fraction must be in [0, 1), got {self.validation_fraction!r}")
+
+    @classmethod
+    def from_config(cls, section: dict | None) -> "SplitSettings":
+        return settings_from(cls, section, "split")
+
+    def n_validation_for(self, n_subjects: int) -> int:
+        """The validation count for a cohort of `n_subjects` (0: no split)."""
+        if n_subjects < self.min_subjects:
+            return 0
+        if self.n_validation is not None:
+            return int(self.n_validation) if int(self.n_validation) < n_subjects else 0
+        wanted = int(np.floor(n_subjects * float(self.validation_fraction) + 0.5))
+        return max(0, min(wanted, n_subjects - self.min_training))
+
+    def describe(self, n_subjects: int) -> str:
+        """One line: the resolved split and where it comes from."""
+        n = self.n_validation_for(n_subjects)
+        if not n:
+            return f"split: {n_subjects} subjects, too few to hold any out: training and evaluating on all of them"
+        rule = (
+            f"split.n_validation: {self.n_validation}"
+            if self.n_validation is not None
+            else f"split.validation_fraction {float(self.validation_fraction):.4g} of {n_subjects}, "
+            f"keeping at least split.min_training {self.min_training} for training"
+        )
+        return f"split: {n} validation and {n_subjects - n} training subjects ({rule})"
+
+
 def split_subjects(subjects: pd.DataFrame, n_validation: int, seed: int, min_subjects: int = 4) -> pd.Series:
     """Patient-level split, seeded and stratified by label (unlabelled subjects form a stratum).
 
     With fewer than `min_subjects` subjects, or no room for both sets, every subject is used for
     training and for evaluation: unsupervised registration needs no labels, and the tables say so.
+    (`SplitSettings.n_validation_for` gives `n_validation` from the config.)
     """
     n = len(subjects)
     if n < min_subjects or not 0 < n_validation < n:
-        log.warning("%d subjects: too few for a split; training and evaluating on all of them", n)
+        log.info("%d subjects: too few for a split; training and evaluating on all of them", n)
         return pd.Series(TOO_SMALL_SPLIT, index=subjects.index, name="split")
     strata = subjects["label"].fillna("").replace("", "unlabelled")
     stratify = strata if strata.value_counts().min() >= 2 else None
@@ -239,6 +290,10 @@ class PreprocessedLayout:
 
     def landmarks(self, subject: str, phase: str) -> Path:
         return Path(self.root) / subject / f"{phase}_landmarks.csv"
+
+    def qc(self, subject: str) -> Path:
+        """The subject's checks (lungreg.preprocess.QC_COLUMNS): crop, clipping, landmarks in view."""
+        return Path(self.root) / subject / "qc.tsv"
 
 
 # ------------------------------------------------------------------- classification

@@ -1,4 +1,4 @@
-"""The summary tables of the study (the paper's Table 1 and Table 2, Jacobian, end-point error).
+"""The summary tables of the study (the paper's Table 1 and Table 2, Jacobian, end-point error, QC).
 
 Built from every method's per-pair and per-landmark rows (`evaluate`), over the evaluation
 subjects of `study.evaluation_subjects`; methods named and ordered by `study.METHODS`.
@@ -12,6 +12,7 @@ import pandas as pd
 
 from . import io
 from .evaluate import LANDMARK_COLUMNS
+from .preprocess import QC_COLUMNS
 from .study import PROTOCOLS, evaluation_subjects, method_label, method_rank, too_small_to_split
 
 
@@ -128,15 +129,86 @@ def summary_tables(pairs: pd.DataFrame, landmarks: pd.DataFrame, cohort: pd.Data
     }
 
 
+def pair_checks(pairs: pd.DataFrame) -> pd.DataFrame:
+    """The problems of registered pairs, one row each (`QC_COLUMNS`): a Dice below the Unregistered
+    one of the same pair, folding (det J <= 0 somewhere in the fixed lung), a baseline's flag."""
+    rows = []
+
+    def add(frame: pd.DataFrame, check: str, value, limit, message) -> None:
+        for (_, pair), v, lim, text in zip(frame.iterrows(), value, limit, message):
+            rows.append(
+                dict(
+                    zip(
+                        QC_COLUMNS,
+                        (pair["fixed_subject"], pair["fixed_phase"], pair["method"], pair["protocol"], pair["pair"])
+                        + (check, v, lim, True, text),
+                    )
+                )
+            )
+
+    unregistered = pairs.loc[pairs["method"] == "unregistered", ["protocol", "pair", "dice"]]
+    merged = pairs[pairs["method"] != "unregistered"].merge(
+        unregistered.rename(columns={"dice": "unregistered_dice"}), on=["protocol", "pair"], how="left"
+    )
+    worse = merged[merged["dice"] < merged["unregistered_dice"]]
+    add(
+        worse,
+        "dice_below_unregistered",
+        worse["dice"],
+        worse["unregistered_dice"],
+        [f"Dice {d:.3f} below Unregistered's {u:.3f}" for d, u in zip(worse["dice"], worse["unregistered_dice"])],
+    )
+    folded = pairs[pairs["jacobian_fraction_nonpositive"] > 0]
+    add(
+        folded,
+        "folding",
+        folded["jacobian_fraction_nonpositive"],
+        [0.0] * len(folded),
+        [
+            f"det J <= 0 in {100 * f:.3g}% of the fixed lung (min det J {j:.3g})"
+            for f, j in zip(folded["jacobian_fraction_nonpositive"], folded["jacobian_min"])
+        ],
+    )
+    if "flag" in pairs:
+        flags = pairs["flag"].fillna("").astype(str)
+        flagged = pairs[~flags.isin(["", "ok"])]
+        stops = flagged["stop_condition"] if "stop_condition" in flagged else [""] * len(flagged)
+        add(  # value stays numeric (NaN): the flag is in the message
+            flagged,
+            "baseline_flag",
+            [float("nan")] * len(flagged),
+            [float("nan")] * len(flagged),
+            [f"flag {f} (stop condition: {s})" for f, s in zip(flagged["flag"], stops)],
+        )
+    frame = pd.DataFrame(rows, columns=QC_COLUMNS)
+    order = frame["method"].map(method_rank)
+    return frame.assign(_rank=order).sort_values(["_rank", "protocol", "pair", "check"]).drop(columns="_rank")
+
+
+def qc_table(subject_checks: list[pd.DataFrame], pairs: pd.DataFrame) -> pd.DataFrame:
+    """results/tables/qc.tsv: every subject's checks (lungreg.preprocess: crop, clipping, landmarks
+    in view and excluded; `problem` says which are problems), then one row per problem of a
+    registered pair and method (`pair_checks`)."""
+    subjects = [frame for frame in subject_checks if len(frame)]
+    parts = [*subjects, pair_checks(pairs)]
+    frame = pd.concat([p.astype(object) for p in parts], ignore_index=True)
+    return frame[QC_COLUMNS]
+
+
 def write_tables(tables: dict[str, pd.DataFrame], folder: str | Path) -> None:
     for name, frame in tables.items():
         io.write_table(frame, Path(folder) / f"{name}.tsv")
 
 
 def build_tables(
-    cohort_path: str | Path, metrics_paths: list[str], landmark_paths: list[str], outputs: dict[str, str]
+    cohort_path: str | Path,
+    metrics_paths: list[str],
+    landmark_paths: list[str],
+    outputs: dict[str, str],
+    qc_paths: list[str] = (),
 ) -> dict[str, pd.DataFrame]:
-    """The tables job: concatenate the chunks' rows and write every table."""
+    """The tables job: concatenate the chunks' rows (and the subjects' checks, `qc_paths`) and
+    write every table of `outputs`."""
     cohort = io.read_table(cohort_path)
     pairs = pd.concat([io.read_table(p) for p in metrics_paths], ignore_index=True)
     landmark_frames = [frame for frame in (io.read_table(p) for p in landmark_paths) if len(frame)]
@@ -146,6 +218,7 @@ def build_tables(
     split = cohort.set_index("subject")["split"]
     pairs.insert(pairs.columns.get_loc("fixed_phase") + 1, "fixed_split", pairs["fixed_subject"].map(split))
     tables = {"pairs": pairs, "landmarks": landmarks, **summary_tables(pairs, landmarks, cohort)}
+    tables["qc"] = qc_table([io.read_table(p) for p in qc_paths], pairs)
     for name, path in outputs.items():
         io.write_table(tables[name], path)
     return tables

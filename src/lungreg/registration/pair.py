@@ -118,12 +118,12 @@ def _check_preprocessed(images: dict[str, sitk.Image], settings: PreprocessSetti
     """--preprocessed: both images on the model's grid shape, intensities in [0, 1]."""
     for role, image in images.items():
         shape = image.GetSize()[::-1]
-        if tuple(shape) != tuple(settings.grid_shape):
+        if settings.shape is not None and tuple(shape) != tuple(settings.shape):
             raise InputError(
                 None,
                 None,
                 f"{role} image: grid {' x '.join(map(str, shape))} (z, y, x) is not the model's "
-                f"{' x '.join(map(str, settings.grid_shape))}; drop --preprocessed to preprocess it",
+                f"{' x '.join(map(str, settings.shape))}; drop --preprocessed to preprocess it",
             )
         array = sitk.GetArrayViewFromImage(image)
         if array.min() < 0 or array.max() > 1:

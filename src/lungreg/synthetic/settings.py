@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import settings_from
-from ..geometry import Grid
+from ..geometry import Grid, covering_shape
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,11 @@ class SyntheticCohortSettings:
             tuple(float(o) for o in origin),
             (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
         )
+
+    def covering_shape(self, factor: float) -> tuple[int, int, int]:
+        """The preprocessing grid shape (z, y, x) that holds the rendered field of view at `factor`
+        (what `preprocess.grid_shape: auto` is for this cohort: 24 x 48 x 48 for the default)."""
+        return covering_shape(self.grid.corners(), self.grid, factor)
 
     def subject_ids(self) -> list[str]:
         width = max(3, len(str(self.n_subjects)))
