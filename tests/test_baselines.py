@@ -111,7 +111,7 @@ def test_the_workflow_config_options_are_accepted():
     validate(
         config, str(repo / "config" / "schemas" / "config.schema.yaml")
     )  # the schema's defaults, as the rules get them
-    workflow_keys = {"enabled", "protocols", "chunks"}
+    workflow_keys = {"enabled", "protocols", "chunks", "subjects"}  # rules/common.smk BASELINE_KEYS
     for method, section in config["baselines"].items():
         resolve_options(method, {k: v for k, v in section.items() if k not in workflow_keys})
 
