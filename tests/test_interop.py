@@ -35,7 +35,9 @@ from lungreg.network.transform import affine_grid, displacement_image  # noqa: E
 pytestmark = pytest.mark.workflow  # the tiny study's files (the oblique-grid test needs none)
 
 INTERIOR_MAX = 1e-5  # [0, 1] intensities, voxels mapped inside the moving voxel centres
-OVERALL_MEAN = 1e-3  # every voxel, border included
+# Outside the moving image's voxel-centre hull the conventions differ, by design, only within one
+# voxel of it: the network interpolates against zeros there (grid_sample, zeros padding), ITK
+# returns its default value 0. Farther out both give 0.
 AFFINE_MM = 1e-3  # mm; affine.tfm against the network's normalised theta (float32)
 ANTS_FLOAT_MM = 1e-4  # mm; ANTsPy reads .tfm parameters in float precision
 
@@ -101,6 +103,16 @@ def interior(pair) -> np.ndarray:
     return inside
 
 
+@pytest.fixture(scope="module")
+def beyond_the_band(pair, interior) -> np.ndarray:
+    """Fixed voxels whose mapped point lies inside the hull or more than one voxel outside it."""
+    field = sitk.ReadImage(str(pair["field"]))
+    moving = sitk.ReadImage(str(pair["moving"]))
+    index = continuous_index(moving, voxel_centres(field) + sitk.GetArrayFromImage(field).astype(float))
+    far = np.any((index < -1 - 1e-6) | (index > np.asarray(moving.GetSize()) + 1e-6), axis=-1)
+    return interior | far
+
+
 # ------------------------------------------------------------------------ the field
 
 
@@ -116,7 +128,7 @@ def test_field_file_is_an_itk_displacement_field_on_the_fixed_grid(pair):
     assert nibabel.load(str(pair["field"])).shape[3:] == (1, 3)
 
 
-def test_simpleitk_applies_the_field_as_the_network_did(pair, interior):
+def test_simpleitk_applies_the_field_as_the_network_did(pair, interior, beyond_the_band):
     fixed, moving = sitk.ReadImage(str(pair["fixed"])), sitk.ReadImage(str(pair["moving"]))
     transform = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(pair["field"])), sitk.sitkVectorFloat64))
     resampled = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0))
@@ -124,17 +136,17 @@ def test_simpleitk_applies_the_field_as_the_network_did(pair, interior):
     difference = np.abs(resampled - network)
     print("\n" + describe("SimpleITK vs network warp", difference, interior))
     assert difference[interior].max() < INTERIOR_MAX
-    assert difference.mean() < OVERALL_MEAN
+    assert difference[beyond_the_band].max() < INTERIOR_MAX  # differences only in the one-voxel band
 
 
-def test_antspy_applies_the_field_as_the_network_did(pair, interior):
+def test_antspy_applies_the_field_as_the_network_did(pair, interior, beyond_the_band):
     fixed, moving = ants.image_read(str(pair["fixed"])), ants.image_read(str(pair["moving"]))
     resampled = ants_array(ants.apply_transforms(fixed=fixed, moving=moving, transformlist=[str(pair["field"])]))
     network = sitk.GetArrayFromImage(sitk.ReadImage(str(pair["warped"])))
     difference = np.abs(resampled - network)
     print("\n" + describe("ANTsPy vs network warp", difference, interior))
     assert difference[interior].max() < INTERIOR_MAX
-    assert difference.mean() < OVERALL_MEAN
+    assert difference[beyond_the_band].max() < INTERIOR_MAX  # differences only in the one-voxel band
     # and ANTs agrees with SimpleITK everywhere (both are ITK underneath: same border handling)
     transform = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(pair["field"])), sitk.sitkVectorFloat64))
     itk = sitk.GetArrayFromImage(

@@ -208,7 +208,8 @@ def _chromium(chromium: str, page: Path, profile: Path, *arguments: str) -> subp
         *arguments,
         page.as_uri(),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    # the DOM is UTF-8 whatever the locale (the tables hold e.g. "±")
+    result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=180)
     assert result.returncode == 0, f"chromium failed ({result.returncode}): {result.stderr[-3000:]}"
     return result
 
