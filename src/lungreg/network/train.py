@@ -78,12 +78,6 @@ class PairFiles:
     fixed_mask: str
 
 
-def load_volume(path: str | Path) -> torch.Tensor:
-    """A preprocessed volume as a (1, D, H, W) float32 tensor."""
-    array = sitk.GetArrayFromImage(io.read_intermediate_image(path)).astype(np.float32)
-    return torch.from_numpy(array)[None]
-
-
 def coarse(volumes: list[torch.Tensor]) -> list[torch.Tensor]:
     """(moving, fixed, moving_mask, fixed_mask) at half resolution: images averaged over 2^3
     blocks, masks the blocks' maximum (a block touching the lung is lung)."""
@@ -102,15 +96,18 @@ class PairSet:
     def __init__(self, pairs: list[PairFiles]):
         if not pairs:
             raise ValueError("no pairs to train or validate on")
-        cache: dict[str, torch.Tensor] = {}
+        cache: dict[str, tuple[torch.Tensor, tuple[float, ...]]] = {}
 
-        def volume(path: str) -> torch.Tensor:
+        def read(path: str) -> tuple[torch.Tensor, tuple[float, ...]]:
             if path not in cache:
-                cache[path] = load_volume(path)
+                image = io.read_intermediate_image(path)
+                array = sitk.GetArrayFromImage(image).astype(np.float32)
+                cache[path] = torch.from_numpy(array)[None], image.GetSpacing()
             return cache[path]
 
-        self.tensors = [torch.stack([volume(getattr(p, field.name)) for p in pairs]) for field in fields(PairFiles)]
-        self.spacing = torch.tensor([_spacing(p.fixed_image) for p in pairs], dtype=torch.float32)
+        self.tensors = [torch.stack([read(getattr(p, f.name))[0] for p in pairs]) for f in fields(PairFiles)]
+        # the fixed images' spacing from the same read (x, y, z mm)
+        self.spacing = torch.tensor([read(p.fixed_image)[1] for p in pairs], dtype=torch.float32)
 
     def __len__(self) -> int:
         return self.tensors[0].shape[0]
@@ -120,13 +117,6 @@ class PairSet:
         volumes = [t[index].to(device, non_blocking=True) for t in self.tensors]
         spacing = self.spacing[index].to(device)
         return (coarse(volumes), 2 * spacing) if half else (volumes, spacing)
-
-
-def _spacing(path: str) -> tuple[float, float, float]:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    return tuple(float(s) for s in reader.GetSpacing())
 
 
 def fingerprint(*parts: object) -> str:
