@@ -622,7 +622,7 @@ def test_a_truncated_preprocessed_image_fails_with_a_recovery_message(tiny_study
 def test_a_garbage_model_file_fails_with_a_recovery_message(tiny_study, tmp_path):
     workdir = copy_study(tiny_study, tmp_path / "study")
     model = "results/model/proposed/model.pt"
-    (workdir / model).write_bytes(os.urandom(4096))
+    (workdir / model).write_bytes(np.random.default_rng(0).bytes(4096))
     target = chunk_outputs("proposed", "inhale_exhale", 0)[1]
     result = snakemake(workdir, "--forcerun", target, "--", target, check=False)
     message = failed_job_message(result, workdir / "results/logs/register/proposed_inhale_exhale_0.log", model)
@@ -633,7 +633,7 @@ def test_a_garbage_model_file_fails_with_a_recovery_message(tiny_study, tmp_path
 def test_a_garbage_training_checkpoint_fails_with_a_recovery_message(tiny_study, tmp_path):
     workdir = copy_study(tiny_study, tmp_path / "study")
     checkpoint = "results/model/proposed/checkpoint.pt"
-    (workdir / checkpoint).write_bytes(os.urandom(4096))
+    (workdir / checkpoint).write_bytes(np.random.default_rng(0).bytes(4096))
     target = "results/model/proposed/model.pt"
     result = snakemake(workdir, "--forcerun", target, "--", target, check=False)
     message = failed_job_message(result, workdir / "results/logs/train/proposed.log", checkpoint)

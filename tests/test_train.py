@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from lungreg import io
+from lungreg import io, torch_io
 from lungreg.geometry import Grid, image_from_array
 from lungreg.network import losses
 from lungreg.network.losses import LossSettings
@@ -139,3 +139,20 @@ def test_local_ncc_equals_the_direct_box_mean_formula():
     assert losses.local_ncc(fixed, fixed, window=5) < 0.01  # identical images: correlation 1 (less eps)
     thin = fixed[:, :, :3]  # an axis shorter than the window: every window clipped on it
     assert torch.isfinite(losses.local_ncc(thin, warped[:, :, :3], window=9))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_any_garbage_in_a_torch_file_is_a_corrupt_file_error(tmp_path, seed):
+    """Random bytes through torch's legacy unpickler raise whatever they spell (MemoryError was seen in CI)."""
+    generator = np.random.default_rng(seed)
+    path = tmp_path / "model.pt"
+    torch_io.save_torch({"weights": torch.arange(1000.0)}, path)
+    archive = path.read_bytes()
+    blobs = [generator.bytes(n) for n in (1, 17, 4096)]
+    blobs += [b"\x80\x02" + generator.bytes(4096) for _ in range(50)]  # a pickle protocol header, then noise
+    blobs += [archive[: len(archive) // 2], archive[:-30], archive[:200] + generator.bytes(len(archive) - 200)]
+    blobs.append(archive[:100] + generator.bytes(len(archive) - 300) + archive[-200:])  # a zip directory, noise inside
+    for blob in blobs:
+        path.write_bytes(blob)
+        with pytest.raises(io.CorruptFileError, match="model.pt: cannot be read"):
+            torch_io.load_torch(path)
