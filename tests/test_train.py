@@ -141,6 +141,34 @@ def test_local_ncc_equals_the_direct_box_mean_formula():
     assert torch.isfinite(losses.local_ncc(thin, warped[:, :, :3], window=9))
 
 
+def _field(function, shape=(6, 7, 8), spacing_xyz=(1.5, 2.0, 3.0)):
+    """(1, 3, D, H, W) displacement in mm from function(x, y, z) -> (ux, uy, uz), voxel centres in mm."""
+    z, y, x = (torch.arange(n, dtype=torch.float64) * s for n, s in zip(shape, spacing_xyz[::-1]))
+    z, y, x = torch.meshgrid(z, y, x, indexing="ij")
+    return torch.stack(function(x, y, z))[None], torch.tensor([spacing_xyz], dtype=torch.float64)
+
+
+def test_diffusion_of_a_linear_field_is_its_squared_gradient_and_bending_is_zero():
+    gradient = torch.tensor([[0.1, -0.2, 0.05], [0.0, 0.3, 0.1], [-0.15, 0.02, 0.25]], dtype=torch.float64)
+    u, spacing = _field(
+        lambda x, y, z: tuple(gradient[c, 0] * x + gradient[c, 1] * y + gradient[c, 2] * z for c in range(3))
+    )
+    assert float(losses.diffusion(u, spacing)) == pytest.approx(float((gradient**2).sum()), rel=1e-12)
+    assert float(losses.bending(u, spacing)) == pytest.approx(0.0, abs=1e-20)  # a uniform strain costs nothing
+
+
+@pytest.mark.parametrize("spacing_xyz", [(1.5, 2.0, 3.0), (0.75, 1.0, 1.5)])
+def test_bending_of_a_quadratic_field_is_its_second_derivative_at_any_resolution(spacing_xyz):
+    # u_z = c z^2 + b x^2: d2u_z/dz^2 = 2c, d2u_z/dx^2 = 2b, so the energy is L^2 (4c^2 + 4b^2)
+    c, b, length = 0.01, -0.004, losses.BENDING_LENGTH_MM
+    shape = tuple(round(n * 1.5 / spacing_xyz[0]) for n in (6, 7, 8))
+    u, spacing = _field(lambda x, y, z: (0 * x, 0 * y, c * z**2 + b * x**2), shape, spacing_xyz)
+    expected = length**2 * (4 * c**2 + 4 * b**2)
+    assert float(losses.bending(u, spacing)) == pytest.approx(expected, rel=1e-9)
+    # on every other point (a coarse loss level) the same field has the same energy
+    assert float(losses.bending(u[..., ::2, ::2, ::2], spacing, points_spacing=2)) == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_any_garbage_in_a_torch_file_is_a_corrupt_file_error(tmp_path, seed):
     """Random bytes through torch's legacy unpickler raise whatever they spell (MemoryError was seen in CI)."""

@@ -12,9 +12,11 @@ similarity evaluated at the centres of `loss_level`^3 voxel blocks (2: eight tim
 against a 2x average-pooled fixed image and a 3-voxel box-blurred moving image). Corrections
 add up over the stages. The objective per pair is
 
-    similarity (lung-mask weighted) + beta ||Phi - 1||_1 + diffusion * D(u)
+    similarity (lung-mask weighted) + beta ||Phi - 1||_1 + diffusion * D(u) + bending * B(u)
 
-with D the diffusion energy of the displacement in physical units (`losses.diffusion`).
+with D the diffusion and B the (pure second-derivative) bending energy of the displacement in
+physical units (`losses.diffusion`, `losses.bending`). The default is bending alone: diffusion
+pulls the lung's breathing strain towards a translation (bench/README.md, refinement trials).
 
 The result, per pair: of the network's prediction and the ends of the stages, the state with the
 lowest full-resolution objective (with the finest stage's weights) among those whose finite-
@@ -46,7 +48,8 @@ class RefineStage:
     control_stride: int = 1  # the logit correction lives on every n-th voxel (trilinear in between)
     loss_level: int = 1  # similarity at the centres of n^3 voxel blocks (1: every voxel)
     learning_rate: float = 0.05  # Adam, on the logits
-    diffusion: float = 0.01  # weight of the diffusion energy in this stage
+    diffusion: float = 0.0  # weight of the diffusion energy in this stage
+    bending: float = 0.0  # weight of the bending energy in this stage
 
     def __post_init__(self):
         if self.steps < 0 or self.control_stride < 1 or self.loss_level < 1:
@@ -60,8 +63,8 @@ class RefineStage:
 # The workflow's default (config/schemas/config.schema.yaml, tests/test_config.py keeps them equal):
 # a smooth correction on a coarse grid against pooled images, then a finer one at full resolution.
 DEFAULT_STAGES = (
-    RefineStage(steps=40, control_stride=4, loss_level=2, learning_rate=0.1, diffusion=0.1),
-    RefineStage(steps=20, control_stride=2, loss_level=1, learning_rate=0.05, diffusion=0.03),
+    RefineStage(steps=40, control_stride=4, loss_level=2, learning_rate=0.1, bending=3.0),
+    RefineStage(steps=30, control_stride=2, loss_level=1, learning_rate=0.05, bending=0.9),
 )
 
 
@@ -147,7 +150,8 @@ class _Objective:
         )
         return points.reshape(self.points.shape)
 
-    def per_pair(self, logits: torch.Tensor, theta: torch.Tensor | None, diffusion: float) -> torch.Tensor:
+    def per_pair(self, logits: torch.Tensor, theta: torch.Tensor | None, weights: RefineStage | None) -> torch.Tensor:
+        """The objective per pair, with the regulariser weights of the stage `weights` (None: none)."""
         grid = self.grid(logits, theta)
         warped = transform.warp(self.moving, grid)
         displacement = transform.grid_displacement_mm(grid, self.points, self.shape, self.spacing)
@@ -158,8 +162,10 @@ class _Objective:
             one = slice(k, k + 1)
             value = similarity(self.fixed[one], warped[one], self.weight[one])
             value = value + self.settings.beta * losses.gradient_penalty(gradients[one])
-            if diffusion:
-                value = value + diffusion * losses.diffusion(displacement[one], self.spacing[one], self.level)
+            if weights is not None and weights.diffusion:
+                value = value + weights.diffusion * losses.diffusion(displacement[one], self.spacing[one], self.level)
+            if weights is not None and weights.bending:
+                value = value + weights.bending * losses.bending(displacement[one], self.spacing[one], self.level)
             values.append(value)
         return torch.stack(values)
 
@@ -191,7 +197,7 @@ def _run_stage(stage, settings, model, moving, fixed, fixed_mask, spacing, logit
         for group, rate in zip(optimiser.param_groups, (stage.learning_rate, settings.affine_learning_rate)):
             group["lr"] = rate * min(1.0, (step + 1) / settings.warmup)  # Adam's first steps overshoot
         raw = affine_output if affine_step is None else affine_output + affine_step
-        per_pair = objective.per_pair(logits + _upsampled(correction, shape), theta_of(raw), stage.diffusion)
+        per_pair = objective.per_pair(logits + _upsampled(correction, shape), theta_of(raw), stage)
         held = [p.detach().clone() for p in (correction, affine_step) if p is not None]
         optimiser.zero_grad(set_to_none=True)
         per_pair.sum().backward()  # a sum: each pair's gradient is its own, whatever the batch
@@ -237,7 +243,7 @@ def refine(
     def theta_of(raw: torch.Tensor | None) -> torch.Tensor | None:
         return None if raw is None else affine_from_output(raw, model.settings.affine_map)
 
-    finest = settings.stages[-1].diffusion if settings.stages else 0.0
+    finest = settings.stages[-1] if settings.stages else None
     with torch.enable_grad():
         full = _Objective(model, settings, moving, fixed, fixed_mask, spacing, 1)
         with torch.no_grad():
