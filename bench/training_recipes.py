@@ -39,6 +39,8 @@ RECIPES = {
     "fast_full_resolution": {"train": {"epochs": 40, "coarse_epochs": 0}},
     # the default: coarse to fine (config/config.yaml)
     "default": {},
+    # the default with the refinement's similarity (local NCC, 9-voxel windows) in training
+    "ncc": {"loss": {"similarity": "ncc"}},
 }
 
 
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), type=lambda s: s.split(","))
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "work" / "training_recipes")
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--name", default="training_recipes", help="bench/results/NAME.tsv and NAME_summary.tsv")
     arguments = parser.parse_args()
     meta = machine()
     logs, summary = [], []
@@ -91,8 +94,8 @@ def main() -> None:
         summary += at_minutes(log, recipe)
         print(pd.DataFrame(summary[-1:]).to_string(index=False, header=False), flush=True)
         meta["recipes"] = {name: RECIPES[name] for name in arguments.recipes[: len(logs)]}
-        write_results(pd.concat(logs).to_dict("records"), "training_recipes", meta)  # after each recipe
-        write_results(summary, "training_recipes_summary", meta)
+        write_results(pd.concat(logs).to_dict("records"), arguments.name, meta)  # after each recipe
+        write_results(summary, f"{arguments.name}_summary", meta)
 
 
 if __name__ == "__main__":

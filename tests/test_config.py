@@ -179,6 +179,16 @@ def test_the_ct_preset_validates_and_sets_a_ct_window_and_the_auto_grid(config):
     PreprocessSettings.from_config(merged["preprocess"], "exhale")
 
 
+def test_the_bending_refinement_preset_validates_and_changes_only_the_regularisers(config):
+    preset = yaml.safe_load((REPO / "config" / "refine_bending.yaml").read_text())
+    merged = effective({**config, "refine": {**config["refine"], **preset["refine"]}})["refine"]
+    bending = RefineSettings.from_config({k: v for k, v in merged.items() if k != "protocols"})
+    default = RefineSettings()
+    assert [s.bending > 0 and s.diffusion == 0 for s in bending.stages] == [True, True]
+    strip = lambda stages: [dataclasses.replace(s, diffusion=0.0, bending=0.0) for s in stages]  # noqa: E731
+    assert strip(bending.stages) == strip(default.stages)
+
+
 def test_settings_from_refuses_unknown_and_missing_keys_in_one_message():
     with pytest.raises(ValueError, match=r"^train: unknown key\(s\) epoch .*known keys: .*epochs"):
         settings_from(TrainSettings, {"epoch": 3}, "train")

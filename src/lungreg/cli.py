@@ -53,7 +53,7 @@ chunk-<k>/<pair>/):
                        where the field's border value was used).
 
 Refinement (--refine, with --fixed-mask): the network's outputs are then optimised for this pair
-(lungreg.network.refine: the masked similarity, |Phi - 1| and a diffusion energy, coarse to
+(lungreg.network.refine: the masked similarity, |Phi - 1| and a bending energy, coarse to
 fine), as the workflow's <variant>_refined rows; the outputs keep the same construction
 (positive spatial gradients, det A > 0). `--refine` alone uses the workflow's default stages,
 `--refine config.yaml` the `refine:` section of that file. It adds about 1.5 s per pair on 2
