@@ -58,27 +58,25 @@ def _stages(coarse_steps: int, coarse: dict, fine_steps: int, fine: dict) -> tup
 # What each trial changes against RefineSettings() (the workflow's default is "default").
 TRIALS = {
     "single_pass": {"stages": ()},
+    "default": {},  # diffusion 0.3 on the coarse stage, bending 0.9 on the fine one, 40 + 30 steps
+    "bending": {"stages": _stages(40, {"bending": 3.0}, 30, {"bending": 0.9})},  # config/refine_bending.yaml
     "previous_default": {"stages": _stages(40, {"diffusion": 0.1}, 20, {"diffusion": 0.03})},
     "diffusion_0.03_0.01": {"stages": _stages(40, {"diffusion": 0.03}, 20, {"diffusion": 0.01})},
-    "bending_1_0.3": {"stages": _stages(40, {"bending": 1.0}, 20, {"bending": 0.3})},
-    "bending_3_0.9_40+20": {"stages": _stages(40, {"bending": 3.0}, 20, {"bending": 0.9})},
-    "default": {},
-    "bending_3_0.9_40+40": {"stages": _stages(40, {"bending": 3.0}, 40, {"bending": 0.9})},
-    "bending_3_0.9_30+30": {"stages": _stages(30, {"bending": 3.0}, 30, {"bending": 0.9})},
-    "bending_3_0.3_40+20": {"stages": _stages(40, {"bending": 3.0}, 20, {"bending": 0.3})},
-    "bending_10_3_40+20": {"stages": _stages(40, {"bending": 10.0}, 20, {"bending": 3.0})},
-    "bending_30_9_40+20": {"stages": _stages(40, {"bending": 30.0}, 20, {"bending": 9.0})},
-    "bending_then_diffusion": {"stages": _stages(40, {"bending": 3.0}, 30, {"diffusion": 0.03})},
-    "diffusion_then_bending": {"stages": _stages(40, {"diffusion": 0.1}, 30, {"bending": 0.9})},
-    "diffusion_then_bending_40+40": {"stages": _stages(40, {"diffusion": 0.1}, 40, {"bending": 0.9})},
-    "diffusion_then_bending_0.3": {"stages": _stages(40, {"diffusion": 0.1}, 30, {"bending": 0.3})},
-    "diffusion_0.3_then_bending": {"stages": _stages(40, {"diffusion": 0.3}, 30, {"bending": 0.9})},
-    "diffusion_bending_1_then_bending": {
+    "diffusion_0.1_then_bending": {"stages": _stages(40, {"diffusion": 0.1}, 30, {"bending": 0.9})},
+    "diffusion_0.1_then_bending_0.3": {"stages": _stages(40, {"diffusion": 0.1}, 30, {"bending": 0.3})},
+    "diffusion_0.1_then_bending_3": {"stages": _stages(40, {"diffusion": 0.1}, 30, {"bending": 3.0})},
+    "diffusion_0.1_then_bending_40+40": {"stages": _stages(40, {"diffusion": 0.1}, 40, {"bending": 0.9})},
+    "diffusion_0.1_then_bending_60+30": {"stages": _stages(60, {"diffusion": 0.1}, 30, {"bending": 0.9})},
+    "diffusion_0.1_bending_1_then_bending": {
         "stages": _stages(40, {"diffusion": 0.1, "bending": 1.0}, 30, {"bending": 0.9})
     },
-    "diffusion_then_bending_3": {"stages": _stages(40, {"diffusion": 0.1}, 30, {"bending": 3.0})},
-    "diffusion_then_bending_60+30": {"stages": _stages(60, {"diffusion": 0.1}, 30, {"bending": 0.9})},
+    "bending_then_diffusion": {"stages": _stages(40, {"bending": 3.0}, 30, {"diffusion": 0.03})},
     "both": {"stages": _stages(40, {"diffusion": 0.03, "bending": 3.0}, 30, {"diffusion": 0.01, "bending": 0.9})},
+    "bending_1_0.3_40+20": {"stages": _stages(40, {"bending": 1.0}, 20, {"bending": 0.3})},
+    "bending_40+20": {"stages": _stages(40, {"bending": 3.0}, 20, {"bending": 0.9})},
+    "bending_40+40": {"stages": _stages(40, {"bending": 3.0}, 40, {"bending": 0.9})},
+    "bending_10_3_40+20": {"stages": _stages(40, {"bending": 10.0}, 20, {"bending": 3.0})},
+    "bending_30_9_40+20": {"stages": _stages(40, {"bending": 30.0}, 20, {"bending": 9.0})},
 }
 
 SUMMARY = {
