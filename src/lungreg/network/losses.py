@@ -115,6 +115,15 @@ def gradient_penalty(gradients: torch.Tensor, reduction: str = "mean") -> torch.
     return per_pair.mean()
 
 
+def _axis_differences(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_spacing: float, order: int):
+    """Per axis a (x along W, y along H, z along D) long enough: the `order`-th forward difference of
+    every component along a, and the physical step along a ((N, 1, 1, 1, 1), mm)."""
+    spacing = spacing_xyz.to(displacement_mm).reshape(-1, 3) * points_spacing
+    for component_axis, dim in ((0, 4), (1, 3), (2, 2)):
+        if displacement_mm.shape[dim] > order:
+            yield torch.diff(displacement_mm, n=order, dim=dim), spacing[:, component_axis].reshape(-1, 1, 1, 1, 1)
+
+
 def diffusion(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_spacing: float = 1.0) -> torch.Tensor:
     """Diffusion (membrane) energy: the mean over voxels of sum_a sum_c (du_c / dx_a)^2.
 
@@ -125,15 +134,8 @@ def diffusion(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_s
     Unlike ||Phi - 1||_1, whose constant pull towards 1 at every voxel makes a field piecewise
     rigid, it costs rough fields most and carries the boundary's motion into the lung's interior.
     """
-    spacing = spacing_xyz.to(displacement_mm).reshape(-1, 3) * points_spacing
-    energy = displacement_mm.new_zeros(())
-    for component_axis, dim in ((0, 4), (1, 3), (2, 2)):  # x along W, y along H, z along D
-        if displacement_mm.shape[dim] < 2:
-            continue
-        step = spacing[:, component_axis].reshape(-1, 1, 1, 1, 1)
-        difference = torch.diff(displacement_mm, dim=dim) / step
-        energy = energy + (difference**2).sum(1).mean()
-    return energy
+    differences = _axis_differences(displacement_mm, spacing_xyz, points_spacing, order=1)
+    return sum((((d / step) ** 2).sum(1).mean() for d, step in differences), displacement_mm.new_zeros(()))
 
 
 BENDING_LENGTH_MM = 10.0  # the bending energy's length scale: makes it dimensionless
@@ -149,15 +151,9 @@ def bending(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_spa
     a translation (measured: the diffusion-regularised refinement underestimated the z motion,
     u_z/t_z 0.64-0.94), only its curvature is.
     """
-    spacing = spacing_xyz.to(displacement_mm).reshape(-1, 3) * points_spacing
-    energy = displacement_mm.new_zeros(())
-    for component_axis, dim in ((0, 4), (1, 3), (2, 2)):  # x along W, y along H, z along D
-        if displacement_mm.shape[dim] < 3:
-            continue
-        step = spacing[:, component_axis].reshape(-1, 1, 1, 1, 1)
-        second = torch.diff(displacement_mm, n=2, dim=dim) * (BENDING_LENGTH_MM / step**2)
-        energy = energy + (second**2).sum(1).mean()
-    return energy
+    differences = _axis_differences(displacement_mm, spacing_xyz, points_spacing, order=2)
+    terms = ((d * (BENDING_LENGTH_MM / step**2)) ** 2 for d, step in differences)
+    return sum((t.sum(1).mean() for t in terms), displacement_mm.new_zeros(()))
 
 
 @dataclass(frozen=True)
