@@ -134,7 +134,6 @@ PROTOCOLS = config["inference"]["protocols"]
 PAIRS = {protocol: study.protocol_pairs(protocol, COHORT, FIXED_PHASE) for protocol in study.PROTOCOLS}
 BASELINES = [m for m, options in config["baselines"].items() if options["enabled"]]
 BASELINE_KEYS = ("enabled", "protocols", "chunks", "subjects")  # workflow keys; the rest goes to the method
-REFINE_KEYS = ("protocols",)  # workflow keys of refine:; the rest is lungreg.network.refine.RefineSettings
 
 
 def alternatives(values):
@@ -297,7 +296,7 @@ def refine_section(wildcards):
     """The refinement's settings, for the refined rows only (so that changing them reruns only those)."""
     if not study.METHOD[wildcards.method].refined:
         return {}
-    return {k: v for k, v in config["refine"].items() if k not in REFINE_KEYS}
+    return {k: v for k, v in config["refine"].items() if k not in study.REFINE_WORKFLOW_KEYS}
 
 
 def chunk_pair_rows(wildcards):

@@ -185,3 +185,22 @@ def test_the_refined_rows_come_from_the_same_chunk_code_with_their_columns(prepr
     pd.testing.assert_frame_equal(
         rows["unrefined"].drop(columns=["seconds"]), rows["single"].drop(columns=["seconds"]), check_exact=True
     )
+
+
+def test_the_cli_refine_option_reads_a_study_config_file(tmp_path):
+    """`lungreg register --refine FILE` takes a study's config file as it is: its refine: section,
+    the workflow's keys (protocols) aside; anything else unreadable stops naming the file."""
+    from lungreg.io import InputError
+    from lungreg.registration.pair import refine_option
+
+    assert refine_option(None) is None and refine_option("default") == RefineSettings()
+    study_config = tmp_path / "study.yaml"
+    study_config.write_text(
+        "train: {epochs: 3}\n"
+        "refine:\n  protocols: [inhale_exhale]\n  stages: [{steps: 7, control_stride: 2, bending: 0.5}]\n"
+    )
+    assert refine_option(str(study_config)).stages == (RefineStage(steps=7, control_stride=2, bending=0.5),)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("refine: {stages: [{steps: 3, stride: 2}]}\n")
+    with pytest.raises(InputError, match="broken.yaml.*--refine: not a readable refine section.*unknown key"):
+        refine_option(str(broken))

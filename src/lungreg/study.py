@@ -83,6 +83,10 @@ def refined_method(variant: str) -> str:
 
 BASELINE_METHODS = tuple(m.name for m in METHODS if m.kind == "baseline")
 
+# Keys of the config's refine: section that the workflow reads (which protocols get refined rows);
+# the rest is lungreg.network.refine.RefineSettings. Here, not there: planning must not import torch.
+REFINE_WORKFLOW_KEYS = ("protocols",)
+
 GROUND_TRUTH = "ground_truth"  # the synthetic cohort's exact fields, as a field source
 FIELD_SOURCES = (*NETWORK_METHODS, *BASELINE_METHODS, GROUND_TRUTH)  # what classify: may classify
 

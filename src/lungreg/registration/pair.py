@@ -26,7 +26,7 @@ from ..metrics import map_points
 from ..network.refine import RefineSettings
 from ..network.transform import displacement_transform
 from ..preprocess import PreprocessSettings, onto_common_grid
-from ..study import Pair, other_phase
+from ..study import REFINE_WORKFLOW_KEYS, Pair, other_phase
 from .base import LoadedPair, RegistrationResult
 from .chunk import write_pair_files
 from .network import NetworkRegistrar
@@ -205,14 +205,14 @@ def _write_outputs(
 
 def refine_option(option: str | None) -> RefineSettings | None:
     """`lungreg register --refine`: None (single pass), "default" (the workflow's default stages)
-    or the `refine:` section of a YAML file (e.g. a study's config file)."""
+    or the `refine:` section of a YAML file (e.g. a study's config file; its workflow keys aside)."""
     if option is None:
         return None
     if option == "default":
         return RefineSettings()
     try:
         section = (yaml.safe_load(Path(option).read_text()) or {}).get("refine", {})
-        return RefineSettings.from_config(section)
+        return RefineSettings.from_config({k: v for k, v in section.items() if k not in REFINE_WORKFLOW_KEYS})
     except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError) as error:
         raise InputError(None, option, f"--refine: not a readable refine section ({error})") from None
 
