@@ -26,6 +26,7 @@ from _common import machine, write_results  # noqa: E402
 
 from lungreg.geometry import Grid  # noqa: E402
 from lungreg.metrics import sample_displacement  # noqa: E402
+from lungreg.study import Pair, PreprocessedLayout, protocol_pairs  # noqa: E402
 
 
 def field_path(study: Path, method: str, pair: str) -> Path | None:
@@ -33,21 +34,23 @@ def field_path(study: Path, method: str, pair: str) -> Path | None:
     return found[0] if found else None
 
 
-def pair_rows(study: Path, methods: list[str], subject: str) -> list[dict]:
-    pair = f"{subject}_inhale__{subject}_exhale"
-    paths = {m: field_path(study, m, pair) for m in methods}
+def pair_rows(study: Path, methods: list[str], pair: Pair) -> list[dict]:
+    paths = {m: field_path(study, m, pair.name) for m in methods}
     if not all(paths.values()):
         return []
-    mask_image = sitk.ReadImage(str(study / f"preprocessed/{subject}/exhale_mask.nii.gz"))
+    mask_image = sitk.ReadImage(
+        str(PreprocessedLayout(study / "preprocessed").mask(pair.fixed_subject, pair.fixed_phase))
+    )
     lung = sitk.GetArrayFromImage(mask_image) > 0
     grid = Grid.of(mask_image)
-    truth = sitk.ReadImage(str(study / f"cohort/synthetic/{subject}/gt_displacement_fixed-exhale.nii.gz"))
+    truth_path = study / f"cohort/synthetic/{pair.fixed_subject}/gt_displacement_fixed-{pair.fixed_phase}.nii.gz"
+    truth = sitk.ReadImage(str(truth_path))
     true = sample_displacement(sitk.GetArrayFromImage(truth).astype(float), Grid.of(truth), grid.voxel_centres()[lung])
     rows = []
     for method, path in paths.items():
         error = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[lung] - true
         estimated_z = true[:, 2] + error[:, 2]
-        row = {"method": method, "pair": pair, "epe_mm": float(np.linalg.norm(error, axis=1).mean())}
+        row = {"method": method, "pair": pair.name, "epe_mm": float(np.linalg.norm(error, axis=1).mean())}
         for c, axis in enumerate("xyz"):
             row[f"abs_{axis}_mm"] = float(np.abs(error[:, c]).mean())
             row[f"signed_{axis}_mm"] = float(error[:, c].mean())
@@ -63,8 +66,9 @@ def main() -> None:
     parser.add_argument("--methods", default="proposed,proposed_refined,syn", type=lambda s: s.split(","))
     parser.add_argument("--name", default="field_errors", help="bench/results/NAME.tsv")
     args = parser.parse_args()
-    subjects = pd.read_csv(args.study / "cohort/subjects.tsv", sep="\t")["subject"]
-    rows = [row for subject in subjects for row in pair_rows(args.study, args.methods, subject)]
+    cohort = pd.read_csv(args.study / "cohort/subjects.tsv", sep="\t")
+    pairs = protocol_pairs("inhale_exhale", cohort, "exhale")  # the default study's fixed phase
+    rows = [row for pair in pairs for row in pair_rows(args.study, args.methods, pair)]
     if not rows:
         raise SystemExit(f"{args.study}: no inhale -> exhale pair has a saved field of every method {args.methods}")
     table = pd.DataFrame(rows)

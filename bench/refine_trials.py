@@ -43,7 +43,13 @@ from lungreg.evaluate import evaluate_pair, load_phase  # noqa: E402
 from lungreg.network.refine import RefineSettings, RefineStage  # noqa: E402
 from lungreg.registration.base import LoadedPair  # noqa: E402
 from lungreg.registration.network import NetworkRegistrar  # noqa: E402
-from lungreg.study import Pair, PreprocessedLayout, labelled_subjects  # noqa: E402
+from lungreg.study import (  # noqa: E402
+    Pair,
+    PreprocessedLayout,
+    labelled_subjects,
+    protocol_pairs,
+    validation_pairs,
+)
 
 
 def _stages(coarse_steps: int, coarse: dict, fine_steps: int, fine: dict) -> tuple[RefineStage, ...]:
@@ -89,9 +95,13 @@ SUMMARY = {
 }
 
 
-def validation_pairs(study: Path) -> list[Pair]:
-    subjects = pd.read_csv(study / "cohort/subjects.tsv", sep="\t")
-    return [Pair(s, "inhale", s, "exhale") for s in subjects.loc[subjects["split"] == "validation", "subject"]]
+FIXED_PHASE = "exhale"  # the default study's (pairs: fixed_phase)
+
+
+def labelled_pairs(cohort: pd.DataFrame) -> list[Pair]:
+    """The inhale -> exhale pairs of the labelled subjects (the fields the classifiers read)."""
+    labelled = set(labelled_subjects(cohort)["subject"])
+    return [p for p in protocol_pairs("inhale_exhale", cohort, FIXED_PHASE) if p.fixed_subject in labelled]
 
 
 def run_trial(study: Path, pairs: list[Pair], settings: RefineSettings, features: bool = False) -> pd.DataFrame:
@@ -109,7 +119,7 @@ def run_trial(study: Path, pairs: list[Pair], settings: RefineSettings, features
         ]
         for item, result in zip(batch, registrar.register(batch)):
             truth = sitk.ReadImage(
-                str(study / f"cohort/synthetic/{item.pair.fixed_subject}/gt_displacement_fixed-exhale.nii.gz")
+                str(study / f"cohort/synthetic/{item.pair.fixed_subject}/gt_displacement_fixed-{FIXED_PHASE}.nii.gz")
             )
             row, _ = evaluate_pair(item.pair, item.fixed, item.moving, result.displacement, truth)
             if features:
@@ -157,21 +167,20 @@ def main() -> None:
     parser.add_argument("--ild", action="store_true", help="refine every labelled subject and measure the ILD signal")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    pairs = validation_pairs(args.study)
+    cohort = pd.read_csv(args.study / "cohort/subjects.tsv", sep="\t")
+    pairs = validation_pairs(cohort, FIXED_PHASE)
     names = {p.name for p in pairs}
     results = []
     if (args.study / "tables/pairs.tsv").exists():  # a study with tables: its SyN rows on the same pairs
         table = pd.read_csv(args.study / "tables/pairs.tsv", sep="\t")
         syn = table[(table["method"] == "syn") & (table["protocol"] == "inhale_exhale") & table["pair"].isin(names)]
         results += [summary("syn (the study's rows)", syn)] if len(syn) else []
-    cohort = pd.read_csv(args.study / "cohort/subjects.tsv", sep="\t")
-    labelled = [Pair(s, "inhale", s, "exhale") for s in labelled_subjects(cohort)["subject"]]
-    for name in args.trials.split(","):
+    for k, name in enumerate(args.trials.split(",")):
         settings = replace(RefineSettings(), **TRIALS[name])
-        rows = run_trial(args.study, labelled if args.ild else pairs, settings, features=args.ild)
+        rows = run_trial(args.study, labelled_pairs(cohort) if args.ild else pairs, settings, features=args.ild)
         result = summary(name, rows[rows["pair"].isin(names)])
         results.append({**result, **(ild_signal(rows, cohort) if args.ild else {})})
-        print(pd.DataFrame(results[-1:]).to_string(index=False, header=len(results) == 1), flush=True)
+        print(pd.DataFrame(results[-1:]).to_string(index=False, header=k == 0), flush=True)
     path = write_results(results, args.name, {**machine(), "study": str(args.study)})
     print(f"wrote {path}")
 
