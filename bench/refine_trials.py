@@ -83,6 +83,10 @@ TRIALS = {
     "bending_40+40": {"stages": _stages(40, {"bending": 3.0}, 40, {"bending": 0.9})},
     "bending_10_3_40+20": {"stages": _stages(40, {"bending": 10.0}, 20, {"bending": 3.0})},
     "bending_30_9_40+20": {"stages": _stages(40, {"bending": 30.0}, 20, {"bending": 9.0})},
+    # a cosine decay of each stage's learning rate (2026-12-06): stages end settled
+    "cosine_40+30": {"schedule": "cosine"},
+    "cosine_20+20": {"schedule": "cosine", "stages": _stages(20, {"diffusion": 0.3}, 20, {"bending": 0.9})},
+    "cosine_10+20": {"schedule": "cosine", "stages": _stages(10, {"diffusion": 0.3}, 20, {"bending": 0.9})},
 }
 
 SUMMARY = {

@@ -41,6 +41,10 @@ RECIPES = {
     "default": {},
     # the default with the refinement's similarity (local NCC, 9-voxel windows) in training
     "ncc": {"loss": {"similarity": "ncc"}},
+    # the default plus distillation: each training pair's refinement from the identity as a target
+    "distill_1e-3": {"loss": {"distillation": 1.0e-3}},
+    "distill_1e-4": {"loss": {"distillation": 1.0e-4}},
+    "distill_1e-3_stride1": {"loss": {"distillation": 1.0e-3}, "model": {"deformable_stride": 1}},
 }
 
 

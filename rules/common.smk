@@ -130,6 +130,8 @@ SYNTHETIC_COHORT = not config["subjects"]
 VARIANTS = config["network"]["variants"]
 REFINED = sum(stage["steps"] for stage in config["refine"]["stages"]) > 0
 NETWORK_ROWS = [m for v in VARIANTS for m in ([v, study.refined_method(v)] if REFINED else [v])]
+# The refinement from the identity beside the refined rows: what the network's prediction adds
+IDENTITY_REFINED_ROWS = [study.IDENTITY_REFINED] if REFINED else []
 PROTOCOLS = config["inference"]["protocols"]
 PAIRS = {protocol: study.protocol_pairs(protocol, COHORT, FIXED_PHASE) for protocol in study.PROTOCOLS}
 BASELINES = [m for m, options in config["baselines"].items() if options["enabled"]]
@@ -204,14 +206,29 @@ def model_settings(wildcards):
     return {**config["model"], "affine": study.METHOD[wildcards.variant].affine}
 
 
+def refine_settings():
+    """The refine: section without its workflow keys (lungreg.network.refine.RefineSettings)."""
+    return {k: v for k, v in config["refine"].items() if k not in study.REFINE_WORKFLOW_KEYS}
+
+
+def training_refine_section(wildcards):
+    """The refinement that makes the distillation targets (None without distillation, so that
+    changing the refinement then retrains nothing)."""
+    return refine_settings() if config["loss"]["distillation"] else None
+
+
 # ------------------------------------------------------------------- registration
 
 
 def method_pairs(method, protocol):
     """The network registers every subject's own pair (the classifier needs them all); the
     classical baselines register the evaluation subjects' pairs (the tables) unless their
-    `subjects: all` asks for every subject's (a field source of the classification)."""
-    if method in BASELINES and protocol == "inhale_exhale" and config["baselines"][method]["subjects"] == "evaluation":
+    `subjects: all` asks for every subject's (a field source of the classification), and so does
+    the refinement from the identity (a reference for the tables)."""
+    evaluation_only = method == study.IDENTITY_REFINED or (
+        method in BASELINES and config["baselines"][method]["subjects"] == "evaluation"
+    )
+    if evaluation_only and protocol == "inhale_exhale":
         evaluated = set(study.evaluation_subjects(COHORT))
         return [p for p in PAIRS[protocol] if p.fixed_subject in evaluated]
     return PAIRS[protocol]
@@ -296,7 +313,7 @@ def refine_section(wildcards):
     """The refinement's settings, for the refined rows only (so that changing them reruns only those)."""
     if not study.METHOD[wildcards.method].refined:
         return {}
-    return {k: v for k, v in config["refine"].items() if k not in study.REFINE_WORKFLOW_KEYS}
+    return refine_settings()
 
 
 def chunk_pair_rows(wildcards):
@@ -305,7 +322,7 @@ def chunk_pair_rows(wildcards):
 
 def method_protocols():
     """(method, protocol) for every registration the configuration asks for."""
-    chosen = [(m, p) for m in ["unregistered", *NETWORK_ROWS] for p in PROTOCOLS]
+    chosen = [(m, p) for m in ["unregistered", *NETWORK_ROWS, *IDENTITY_REFINED_ROWS] for p in PROTOCOLS]
     chosen = [(m, p) for m, p in chosen if not study.METHOD[m].refined or p in config["refine"]["protocols"]]
     chosen += [(m, p) for m in BASELINES for p in config["baselines"][m]["protocols"]]
     return chosen
@@ -314,6 +331,38 @@ def method_protocols():
 def registration_results(kind):
     """The `kind` (metrics or landmarks) table of every chunk of every registration."""
     return [f"{folder}_{kind}.tsv" for m, p in method_protocols() for folder, _ in chunks_of(m, p)]
+
+
+# The refinement's accuracy against its budget, from the network and from the identity
+# (lungreg.registration.budget): the first variant's refined row beside identity_refined.
+BUDGET_CURVE = "results/registration/refine_budget_metrics.tsv"
+BUDGET_VARIANT = VARIANTS[0]
+
+
+def budget_curve_enabled():
+    """Whether the study has a refine_budget table: refined rows on inhale_exhale and budgets to try."""
+    refined_pairs = (study.refined_method(BUDGET_VARIANT), "inhale_exhale") in method_protocols()
+    return REFINED and refined_pairs and bool(config["refine"]["budget_curve"])
+
+
+def budget_pairs():
+    """The evaluation subjects' inhale-exhale pairs (identity_refined's own pairs)."""
+    return method_pairs(study.IDENTITY_REFINED, "inhale_exhale")
+
+
+def budget_curve_inputs(wildcards):
+    pairs = budget_pairs()
+    truths = [truth_path(p.fixed_subject) for p in pairs] if SYNTHETIC_COHORT else []
+    return {"model": model_path(BUDGET_VARIANT), "pairs": pair_files(pairs) + truths}
+
+
+def budget_curve_truth(wildcards):
+    return {p.fixed_subject: truth_path(p.fixed_subject) for p in budget_pairs()} if SYNTHETIC_COHORT else {}
+
+
+def budget_curve_table(wildcards=None):
+    """The tables job's input of the curve (none when the study has no curve)."""
+    return [BUDGET_CURVE] if budget_curve_enabled() else []
 
 
 def baseline_options(wildcards):
@@ -498,12 +547,14 @@ def report_outputs(wildcards=None):
         [f"{FIGURES}/overlays/{REPORT_METHOD}/{p}.png" for p in pairs]
         + [f"{FIGURES}/jacobian/{REPORT_METHOD}/{p}.png" for p in pairs[:1]]
         + [f"{FIGURES}/dice.png", f"{FIGURES}/landmark_errors.png", f"{FIGURES}/tables.html"]
+        + ([f"{FIGURES}/refine_budget.png"] if budget_curve_enabled() else [])
     )
 
 
 # ------------------------------------------------------------------------ targets
 
 TABLES = ["pairs", "landmarks", "table1_dice", "table2_landmarks", "jacobian", "endpoint_error", "qc"]
+TABLES += ["refine_budget"] if budget_curve_enabled() else []
 QC_TABLE = table_path("qc")
 
 

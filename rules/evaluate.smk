@@ -7,6 +7,7 @@ rule tables:
         metrics=registration_results("metrics"),
         landmarks=registration_results("landmarks"),
         qc=subject_qc_files(),
+        budget_curve=budget_curve_table(),
     output:
         **{
             table: report(table_path(table), caption=f"../report/tables/{table}.rst", category="Tables")
@@ -19,5 +20,8 @@ rule tables:
     localrule: True  # seconds of work: on a cluster, not worth a job
     conda:
         "../envs/torch.yaml"
+    params:
+        variant=BUDGET_VARIANT,
+        refine=refine_settings(),
     script:
         "../scripts/tables.py"

@@ -41,3 +41,42 @@ use rule register_unregistered as register_network with:
     params:
         inference=config["inference"],
         refine=refine_section,
+
+
+use rule register_unregistered as register_identity_refined with:
+    wildcard_constraints:
+        method=study.IDENTITY_REFINED,
+    threads: config["threads"]["gpu_jobs"]
+    resources:
+        gpu=1,
+    params:
+        inference=config["inference"],
+        refine=refine_section,
+        model=config["model"],
+
+
+rule refine_budget:
+    input:
+        unpack(budget_curve_inputs),
+    output:
+        metrics=BUDGET_CURVE,
+    log:
+        log_path("register/refine_budget"),
+    benchmark:
+        benchmark_path("register/refine_budget")
+    conda:
+        "../envs/torch.yaml"
+    threads: config["threads"]["gpu_jobs"]
+    resources:
+        gpu=1,
+    params:
+        budgets=config["refine"]["budget_curve"],
+        variant=BUDGET_VARIANT,
+        model=config["model"],
+        refine=refine_settings(),
+        inference=config["inference"],
+        pairs=pair_rows(budget_pairs()),
+        preprocessed=str(PREPROCESSED.root),
+        truth=budget_curve_truth,
+    script:
+        "../scripts/refine_budget.py"

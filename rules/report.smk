@@ -84,3 +84,19 @@ rule report_tables:
         "../envs/torch.yaml"
     script:
         "../scripts/report_tables.py"
+
+
+rule report_refine_budget:
+    input:
+        table=table_path("refine_budget"),
+    output:
+        report(f"{FIGURES}/refine_budget.png", caption="../report/refine_budget.rst", category="Refinement budget"),
+    log:
+        log_path("report/refine_budget"),
+    benchmark:
+        benchmark_path("report/refine_budget")
+    localrule: True  # seconds of work: on a cluster, not worth a job
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/report_refine_budget.py"

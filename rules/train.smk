@@ -30,6 +30,7 @@ rule train:
         model=model_settings,
         loss=config["loss"],
         train=config["train"],
+        refine=training_refine_section,
         preprocess=PREPROCESS,
     script:
         "../scripts/train.py"

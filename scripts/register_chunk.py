@@ -20,4 +20,5 @@ with log_to(snakemake.log[0]):
         landmarks=snakemake.output.landmarks,
         baseline_options=snakemake.params.get("baseline"),
         refine=snakemake.params.get("refine"),
+        model=snakemake.params.get("model"),
     )

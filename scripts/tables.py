@@ -10,4 +10,7 @@ with log_to(snakemake.log[0]):
         snakemake.input.landmarks,
         {name: snakemake.output[name] for name in snakemake.output.keys()},
         snakemake.input.qc,
+        budget_curve=next(iter(snakemake.input.budget_curve), None),
+        variant=snakemake.params.variant,
+        refine=snakemake.params.refine,
     )

@@ -18,4 +18,5 @@ with log_to(snakemake.log[0]):
         log_path=snakemake.output.log_table,
         checkpoint_path=snakemake.params.checkpoint,
         curve_path=snakemake.output.curve,
+        refine=snakemake.params.refine,
     )

@@ -29,7 +29,7 @@ LAYERS = [
 PACKAGE_ORDER = {
     "lungreg.synthetic": ["settings", "anatomy", "render", "calibration"],
     "lungreg.network": ["device", "transform", "model", "losses", "refine", "train"],
-    "lungreg.registration": ["base", "network", "baselines", "chunk", "pair"],
+    "lungreg.registration": ["base", "network", "baselines", "chunk", "budget", "pair"],
     "lungreg.registration.baselines": ["common", "sitk", "ants", "registrar"],
     "lungreg.classify": ["folds", "features", "cnn", "tabular", "crossval", "summary"],
 }
@@ -174,4 +174,4 @@ def test_the_registries_and_their_implementations_agree():
     from lungreg.study import BASELINE_METHODS, METHODS
 
     assert tuple(OPTIONS) == BASELINE_METHODS
-    assert {m.kind for m in METHODS} == {"identity", "network", "baseline"}
+    assert {m.kind for m in METHODS} == {"identity", "network", "instance", "baseline"}

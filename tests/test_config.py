@@ -26,6 +26,7 @@ from lungreg.study import (
     CLASSIFIERS,
     FIELD_SOURCES,
     NETWORK_VARIANTS,
+    REFINE_WORKFLOW_KEYS,
     REGIONAL_CLASSIFIERS,
     SplitSettings,
     protocol_pairs,
@@ -90,7 +91,7 @@ def test_the_library_keeps_no_default_the_schema_does_not_have(schema_defaults):
     assert_library_agrees(LossSettings, config["loss"])
     assert_library_agrees(TrainSettings, config["train"])
     assert_library_agrees(CnnSettings, config["classify"]["cnn"])
-    refine = {k: v for k, v in config["refine"].items() if k != "protocols"}  # protocols: a workflow key
+    refine = {k: v for k, v in config["refine"].items() if k not in REFINE_WORKFLOW_KEYS}  # protocols, budget_curve
     assert RefineSettings.from_config(refine) == RefineSettings()  # the stages too
     for section in ("train", "inference"):
         assert Acceleration.from_config(config[section]) == Acceleration()
@@ -182,7 +183,7 @@ def test_the_ct_preset_validates_and_sets_a_ct_window_and_the_auto_grid(config):
 def test_the_bending_refinement_preset_validates_and_changes_only_the_regularisers(config):
     preset = yaml.safe_load((REPO / "config" / "refine_bending.yaml").read_text())
     merged = effective({**config, "refine": {**config["refine"], **preset["refine"]}})["refine"]
-    bending = RefineSettings.from_config({k: v for k, v in merged.items() if k != "protocols"})
+    bending = RefineSettings.from_config({k: v for k, v in merged.items() if k not in REFINE_WORKFLOW_KEYS})
     default = RefineSettings()
     assert [s.bending > 0 and s.diffusion == 0 for s in bending.stages] == [True, True]
     strip = lambda stages: [dataclasses.replace(s, diffusion=0.0, bending=0.0) for s in stages]  # noqa: E731

@@ -15,9 +15,10 @@ import torch
 from test_performance_options import ALL_PAIRS, model_path, preprocessed  # noqa: F401 (fixtures)
 
 from lungreg.network import losses, transform
-from lungreg.network.model import ModelSettings, RegistrationNet
+from lungreg.network.model import IdentityPredictor, ModelSettings, NetworkOutputs, RegistrationNet
 from lungreg.network.refine import RefineSettings, RefineStage, refine, refine_batch
-from lungreg.registration.chunk import ChunkOutputs, run_chunk
+from lungreg.registration.base import IdentityRegistrar
+from lungreg.registration.chunk import ChunkOutputs, build_registrar, run_chunk
 from lungreg.registration.network import NetworkRegistrar
 
 SHAPE = (12, 24, 24)  # z, y, x
@@ -204,3 +205,50 @@ def test_the_cli_refine_option_reads_a_study_config_file(tmp_path):
     broken.write_text("refine: {stages: [{steps: 3, stride: 2}]}\n")
     with pytest.raises(InputError, match="broken.yaml.*--refine: not a readable refine section.*unknown key"):
         refine_option(str(broken))
+
+
+def test_the_identity_predictor_is_exactly_the_identity_transform():
+    """Logits 0 give gradients 1 and a raw affine 0 the identity matrix, bit for bit, so the
+    refinement from the identity starts where Unregistered is."""
+    moving, fixed, _ = batch()
+    predictor = IdentityPredictor(ModelSettings(width=0.125))
+    out = predictor(moving, fixed)
+    assert torch.equal(out.gradients, torch.ones_like(out.gradients))
+    assert torch.equal(out.theta, torch.eye(3, 4).expand(3, 3, 4))
+    assert torch.equal(out.grid, transform.identity_grid(SHAPE, 3))
+    assert torch.allclose(out.warped, moving, atol=1e-5)  # grid_sample's index arithmetic rounds
+
+
+def test_the_refinement_from_the_identity_is_the_refinement_of_zeroed_network_outputs():
+    """identity_refined runs the same refinement as the refined rows: only the start differs."""
+    net = trained_like_network()
+    moving, fixed, mask = batch()
+    with torch.no_grad():
+        outputs = net.outputs(moving, fixed)
+    zeroed = NetworkOutputs(torch.zeros_like(outputs.logits), torch.zeros_like(outputs.affine_output))
+    predictor = IdentityPredictor(net.settings)
+    spacing = SPACING.expand(3, 3)
+    from_network, _ = refine(net, zeroed, moving, fixed, mask, spacing, COARSE_TO_FINE)
+    from_identity, report = refine(
+        predictor, predictor.outputs(moving, fixed), moving, fixed, mask, spacing, COARSE_TO_FINE
+    )
+    assert report.steps > 0 and torch.equal(from_identity.grid, from_network.grid)
+
+
+def test_the_identity_refined_row_with_no_steps_is_unregistered_exactly(preprocessed, model_path, tmp_path):  # noqa: F811
+    """The refinement from the identity with no steps, through the workflow's registrar and chunk
+    code, gives Unregistered's rows exactly (intra- and inter-subject pairs)."""
+    no_steps = {"stages": [{"steps": 0}, {"steps": 0, "control_stride": 2}]}
+    inference = {"device": "cpu", "batch_size": 2, "prefetch": False}
+    registrars = {
+        "identity_refined": build_registrar("identity_refined", 1, inference, None, None, no_steps, {"width": 0.125}),
+        "unregistered": IdentityRegistrar(),
+    }
+    rows = {}
+    for name, registrar in registrars.items():
+        outputs = ChunkOutputs(tmp_path / name, tmp_path / f"{name}_metrics.tsv", tmp_path / f"{name}_landmarks.tsv")
+        rows[name] = run_chunk(registrar, ALL_PAIRS, preprocessed, "cohort", outputs, save_fields="none")
+    varying = ["method", "seconds", "device", "threads"]
+    pd.testing.assert_frame_equal(
+        rows["identity_refined"].drop(columns=varying), rows["unregistered"].drop(columns=varying), check_exact=True
+    )

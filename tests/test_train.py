@@ -9,9 +9,10 @@ import torch
 
 from lungreg import io, torch_io
 from lungreg.geometry import Grid, image_from_array
-from lungreg.network import losses
+from lungreg.network import losses, transform
 from lungreg.network.losses import LossSettings
 from lungreg.network.model import ModelSettings, RegistrationNet
+from lungreg.network.refine import RefineSettings, RefineStage
 from lungreg.network.train import PairFiles, TrainSettings, train
 
 SHAPE = (12, 20, 20)  # z, y, x
@@ -119,6 +120,45 @@ def test_nan_loss_stops_with_the_epoch_named(shifted_pair, tmp_path):
     pair = PairFiles(shifted_pair.moving_image, str(broken), shifted_pair.moving_mask, shifted_pair.fixed_mask)
     with pytest.raises(FloatingPointError, match="epoch 1, batch 1"):
         train([pair], [pair], SMALL, PAPER_LOSS, FAST)
+
+
+def test_the_distillation_term_is_the_weighted_squared_distance_to_the_target_in_mm():
+    """0 at the target; a target 3 mm away along x everywhere in the (dilated) lung costs weight x 9."""
+    torch.manual_seed(0)
+    net = RegistrationNet(SMALL)
+    moving, fixed = torch.from_numpy(blobs(SHIFT_VOXELS))[None, None], torch.from_numpy(blobs())[None, None]
+    mask = torch.from_numpy(blobs() > 0.3).float()[None, None]
+    spacing = torch.tensor([GRID.spacing])
+    with torch.no_grad():
+        out = net(moving, fixed)
+    points = transform.identity_grid(SHAPE)
+    displacement = transform.grid_displacement_mm(out.grid, points, SHAPE, spacing)
+    settings = LossSettings(beta=1e-6, mask_weighted=False, distillation=0.5)
+
+    def term(target):
+        loss = losses.registration_loss(
+            settings, fixed, out.warped, out.theta, out.gradients, mask, out.grid, spacing, target
+        )
+        return float(loss["distillation"])
+
+    assert term(displacement) == 0.0
+    assert term(displacement + torch.tensor([3.0, 0.0, 0.0]).view(1, 3, 1, 1, 1)) == pytest.approx(0.5 * 9.0)
+    no_target = losses.registration_loss(settings, fixed, out.warped, out.theta, out.gradients, mask, out.grid, spacing)
+    assert float(no_target["distillation"]) == 0.0  # validation pairs: the unsupervised loss alone
+
+
+def test_distillation_trains_towards_the_refinement_from_the_identity(shifted_pair):
+    """The targets are the pairs' refinement from the identity; training lowers the distance to
+    them, and distillation without refinement steps is refused before any work."""
+    settings = LossSettings(beta=1e-6, mask_weighted=True, distillation=1e-2)
+    short = RefineSettings(stages=(RefineStage(steps=10, control_stride=2, learning_rate=0.1),))
+    with pytest.raises(ValueError, match="distillation needs refinement steps"):
+        train([shifted_pair], [shifted_pair], SMALL, settings, FAST)
+    _, history = train(
+        [shifted_pair] * 2, [shifted_pair], SMALL, settings, TrainSettings(epochs=6, batch_size=2, seed=1),
+        refine_settings=short,
+    )  # fmt: skip
+    assert history["train_distillation"].iloc[-1] < 0.7 * history["train_distillation"].iloc[0]
 
 
 def test_local_ncc_equals_the_direct_box_mean_formula():

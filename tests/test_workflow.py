@@ -50,11 +50,13 @@ def test_tiny_study_produces_every_table_with_the_expected_rows(tiny_study):
         ("proposed", "inhale_exhale"): TINY_SUBJECTS,
         ("proposed", "all_combinations"): TINY_VALIDATION**2,
         ("proposed_refined", "inhale_exhale"): TINY_SUBJECTS,
+        ("identity_refined", "inhale_exhale"): TINY_VALIDATION,
         ("syn", "inhale_exhale"): TINY_VALIDATION,
         ("sitk_bspline", "inhale_exhale"): TINY_VALIDATION,
     }
     table1 = table(tiny_study, "table1_dice")
-    assert list(table1["method"]) == ["unregistered", "proposed", "proposed_refined", "syn", "sitk_bspline"]
+    methods = ["unregistered", "proposed", "proposed_refined", "identity_refined", "syn", "sitk_bspline"]
+    assert list(table1["method"]) == methods
     assert (table1["inhale_exhale_pairs"] == TINY_VALIDATION).all()
     assert table1.set_index("method").loc["proposed", "all_combinations_pairs"] == TINY_VALIDATION**2
     assert table1["inhale_exhale_dice_mean"].between(1, 100).all()
@@ -62,17 +64,41 @@ def test_tiny_study_produces_every_table_with_the_expected_rows(tiny_study):
     assert list(table2["method"]) == list(table1["method"])
     assert (table2["landmarks_scored"] == 11 * TINY_VALIDATION).all()
     # every intra-patient pair has 11 landmark rows: the own pairs (unregistered, proposed and its
-    # refined row on every subject, the two baselines on the validation subjects), and the
-    # diagonal of all_combinations (unregistered, proposed)
-    intra = 3 * TINY_SUBJECTS + 2 * TINY_VALIDATION + 2 * TINY_VALIDATION
+    # refined row on every subject, the refinement from the identity and the two baselines on the
+    # validation subjects), and the diagonal of all_combinations (unregistered, proposed)
+    intra = 3 * TINY_SUBJECTS + 3 * TINY_VALIDATION + 2 * TINY_VALIDATION
     assert len(table(tiny_study, "landmarks")) == 11 * intra
     jacobian = table(tiny_study, "jacobian")
-    assert len(jacobian) == 7 and (jacobian["pairs_with_folding"] == 0).all()
-    assert len(table(tiny_study, "endpoint_error")) == 5
+    assert len(jacobian) == 8 and (jacobian["pairs_with_folding"] == 0).all()
+    assert len(table(tiny_study, "endpoint_error")) == 6
     classification = table(tiny_study, "classification")
     assert set(classification["classifier"]) == {"cnn", "logistic"}
     sources = table(tiny_study, "classification_sources")
     assert set(sources["source"]) == {"proposed_refined", "ground_truth"}
+
+
+def test_tiny_study_measures_the_refinement_against_its_budget_from_both_starts(tiny_study):
+    """refine_budget: the network's prediction and the identity, at budget 0, the curve's budgets
+    and the full one, on the validation pairs; its ends are the tables' own rows."""
+    budget = table(tiny_study, "refine_budget")
+    full = "40+30"  # the schema's default stages
+    expected = ["0+0", "5+5", "10+5", "20+10", full]
+    assert list(budget["budget"]) == expected * 2
+    assert list(budget["start"]) == ["network"] * 5 + ["identity"] * 5
+    assert (budget["pairs"] == TINY_VALIDATION).all()
+    ends = budget.set_index(["start", "budget"])
+    table1 = table(tiny_study, "table1_dice").set_index("method")
+    for start, budget_name, method in (
+        ("network", "0+0", "proposed"),
+        ("network", full, "proposed_refined"),
+        ("identity", "0+0", "unregistered"),
+        ("identity", full, "identity_refined"),
+    ):
+        assert ends.loc[(start, budget_name), "method"] == method
+        assert ends.loc[(start, budget_name), "dice_mean"] == pytest.approx(
+            table1.loc[method, "inhale_exhale_dice_mean"]
+        )
+    assert (tiny_study / "results/report/refine_budget.png").stat().st_size > 10_000
 
 
 def test_tiny_study_writes_every_subjects_checks_to_qc_and_crops_nothing(tiny_study):

@@ -234,6 +234,33 @@ def landmark_boxplot(landmarks: pd.DataFrame, pairs: pd.DataFrame, cohort: pd.Da
     save_figure(figure, path)
 
 
+BUDGET_METRICS = (("dice_mean", "Dice (%)"), ("ds_mean", "landmark ds (mm)"), ("epe_mean", "end-point error (mm)"))
+BUDGET_STARTS = {"network": "from the network's prediction", "identity": "from the identity (no network)"}
+
+
+def refine_budget_figure(table: pd.DataFrame, path: str | Path) -> None:
+    """Accuracy against the refinement's budget (results/tables/refine_budget.tsv), from the
+    network's prediction and from the identity: against the steps (top) and the seconds per pair
+    (bottom); a metric without values (e.g. the end-point error on real data) is left out."""
+    metrics = [(column, label) for column, label in BUDGET_METRICS if table[column].notna().any()]
+    figure, axes = plt.subplots(2, len(metrics), figsize=(3.6 * len(metrics), 6.4), squeeze=False, layout="constrained")
+    for column_axes, (column, label) in zip(axes.T, metrics):
+        for axis, x, xlabel in zip(
+            column_axes, ("steps", "seconds_per_pair"), ("refinement steps", "seconds per pair")
+        ):
+            for start, name in BUDGET_STARTS.items():
+                rows = table[table["start"] == start].sort_values("steps")
+                axis.plot(rows[x], rows[column], "o-", label=name)
+            axis.set(xlabel=xlabel, ylabel=label)
+    axes[0, 0].legend(fontsize=8)
+    figure.suptitle(f"Refinement budget, {int(table['pairs'].max())} inhale-exhale pairs", fontsize=10)
+    save_figure(figure, path)
+
+
+def budget_figure(table_path: str | Path, path: str | Path) -> None:
+    refine_budget_figure(io.read_table(table_path), path)
+
+
 # ----------------------------------------------------------- report jobs (file paths)
 
 

@@ -39,13 +39,16 @@ class Method:
 
     name: str
     label: str  # in the tables' `name` column and the figures
-    kind: str  # identity, network (a trained variant of the network) or baseline (classical)
+    # identity, network (a trained variant of the network), instance (the refinement from the
+    # identity: instance optimisation without a network) or baseline (classical)
+    kind: str
     affine: bool = True  # network variants: with the linear branch (False: the paper's ablation)
     network: str | None = None  # a refined row: the trained variant whose outputs it refines
 
     @property
     def refined(self) -> bool:
-        return self.network is not None
+        """Whether the method runs the refinement (lungreg.network.refine) on `refine: protocols`."""
+        return self.network is not None or self.kind == "instance"
 
     @property
     def model(self) -> str:
@@ -59,6 +62,9 @@ METHODS = (
     Method("unregistered", "Unregistered", "identity"),
     Method("proposed", "Proposed", "network"),
     Method("proposed_refined", "Proposed + refinement", "network", network="proposed"),
+    # The same refinement started from the identity: what the network's prediction adds is
+    # measured against it (same settings, pairs and scoring).
+    Method("identity_refined", "Refinement from the identity", "instance"),
     Method("proposed_without_affine", "Proposed w/o affine", "network", affine=False),
     Method(
         "proposed_without_affine_refined",
@@ -82,10 +88,11 @@ def refined_method(variant: str) -> str:
 
 
 BASELINE_METHODS = tuple(m.name for m in METHODS if m.kind == "baseline")
+IDENTITY_REFINED = "identity_refined"  # the refinement's reference without a network (kind instance)
 
 # Keys of the config's refine: section that the workflow reads (which protocols get refined rows);
 # the rest is lungreg.network.refine.RefineSettings. Here, not there: planning must not import torch.
-REFINE_WORKFLOW_KEYS = ("protocols",)
+REFINE_WORKFLOW_KEYS = ("protocols", "budget_curve")
 
 GROUND_TRUTH = "ground_truth"  # the synthetic cohort's exact fields, as a field source
 FIELD_SOURCES = (*NETWORK_METHODS, *BASELINE_METHODS, GROUND_TRUTH)  # what classify: may classify

@@ -7,12 +7,14 @@ subjects of `study.evaluation_subjects`; methods named and ordered by `study.MET
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import pandas as pd
 
 from . import io
 from .evaluate import LANDMARK_COLUMNS
 from .preprocess import QC_COLUMNS
+from .registration.budget import CURVE_COLUMNS, STARTS, budget_name, start_method
 from .study import PROTOCOLS, evaluation_subjects, method_label, method_rank, too_small_to_split
 
 
@@ -195,6 +197,44 @@ def qc_table(subject_checks: list[pd.DataFrame], pairs: pd.DataFrame) -> pd.Data
     return frame[QC_COLUMNS]
 
 
+def refine_budget_table(
+    pairs: pd.DataFrame, curve: pd.DataFrame, evaluated: Sequence[str], variant: str, refine: Mapping
+) -> pd.DataFrame:
+    """results/tables/refine_budget.tsv: per start (the network's prediction, the identity) and
+    budget (steps per stage), over the evaluated subjects' inhale-exhale pairs: Dice (%), landmark ds,
+    end-point error (mm) and seconds per pair. Budget 0 (the single pass; Unregistered) and the
+    full budget (the refined rows) come from `pairs`, the others from the curve job (`curve`)."""
+    full = [int(stage["steps"]) for stage in refine["stages"]]
+    zero = [0] * len(full)
+    ends = []
+    for start in STARTS:
+        first = variant if start == "network" else "unregistered"
+        for method, budget in ((first, zero), (start_method(start, variant), full)):
+            rows = pairs[(pairs["method"] == method) & (pairs["protocol"] == "inhale_exhale")]
+            header = dict(zip(CURVE_COLUMNS, (start, method, budget_name(budget), int(sum(budget)))))
+            ends.append(rows.assign(**header))
+    every = pd.concat([*ends, curve], ignore_index=True)
+    every = every[every["fixed_subject"].isin(list(evaluated))]
+    rows = []
+    for (start, budget), group in every.groupby(["start", "budget"], sort=False):
+        rows.append(
+            {
+                "start": start,
+                "method": group["method"].iloc[0],
+                "budget": budget,
+                "steps": int(group["steps"].iloc[0]),
+                "pairs": len(group),
+                "dice_mean": 100 * group["dice"].mean(),
+                "ds_mean": group["ds"].mean(),
+                "epe_mean": group["epe_mean"].mean() if "epe_mean" in group else float("nan"),
+                "seconds_per_pair": group["seconds"].mean(),
+            }
+        )
+    table = pd.DataFrame(rows)
+    order = table["start"].map(STARTS.index) * 10**6 + table["steps"]
+    return table.iloc[order.argsort(kind="stable")].reset_index(drop=True)
+
+
 def write_tables(tables: dict[str, pd.DataFrame], folder: str | Path) -> None:
     for name, frame in tables.items():
         io.write_table(frame, Path(folder) / f"{name}.tsv")
@@ -206,9 +246,13 @@ def build_tables(
     landmark_paths: list[str],
     outputs: dict[str, str],
     qc_paths: list[str] = (),
+    budget_curve: str | None = None,
+    variant: str | None = None,
+    refine: dict | None = None,
 ) -> dict[str, pd.DataFrame]:
     """The tables job: concatenate the chunks' rows (and the subjects' checks, `qc_paths`) and
-    write every table of `outputs`."""
+    write every table of `outputs`; with `budget_curve` (the curve job's rows, of `variant`'s
+    refined row and `refine:`'s stages) also refine_budget."""
     cohort = io.read_table(cohort_path)
     pairs = pd.concat([io.read_table(p) for p in metrics_paths], ignore_index=True)
     landmark_frames = [frame for frame in (io.read_table(p) for p in landmark_paths) if len(frame)]
@@ -219,6 +263,9 @@ def build_tables(
     pairs.insert(pairs.columns.get_loc("fixed_phase") + 1, "fixed_split", pairs["fixed_subject"].map(split))
     tables = {"pairs": pairs, "landmarks": landmarks, **summary_tables(pairs, landmarks, cohort)}
     tables["qc"] = qc_table([io.read_table(p) for p in qc_paths], pairs)
+    if budget_curve:
+        evaluated = evaluation_subjects(cohort)
+        tables["refine_budget"] = refine_budget_table(pairs, io.read_table(budget_curve), evaluated, variant, refine)
     for name, path in outputs.items():
         io.write_table(tables[name], path)
     return tables

@@ -156,6 +156,14 @@ def bending(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_spa
     return sum((t.sum(1).mean() for t in terms), displacement_mm.new_zeros(()))
 
 
+def squared_distance(
+    displacement_mm: torch.Tensor, target_mm: torch.Tensor, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean squared end-point distance (mm^2) between two displacements (N, 3, D, H, W), over the
+    (weighted) voxels: the distillation term, in the units of the end-point error it lowers."""
+    return _weighted_mean(((displacement_mm - target_mm) ** 2).sum(1, keepdim=True), weight)
+
+
 @dataclass(frozen=True)
 class LossSettings:
     """The loss (config ``loss:``). `beta` and `mask_weighted` have no default: the paper's values
@@ -168,6 +176,9 @@ class LossSettings:
     regularizer_reduction: str = "mean"
     mask_margin_voxels: int = 2  # dilate the mask so the lung boundary is inside the weight
     diffusion: float = 0.0  # weight of the diffusion energy of the displacement (physical units)
+    # weight of the squared distance (mm^2, over the dilated fixed lung) to the refinement from the
+    # identity of each training pair (lungreg.network.refine.identity_refined_displacement)
+    distillation: float = 0.0
 
     @classmethod
     def from_config(cls, section: Mapping) -> "LossSettings":
@@ -182,27 +193,38 @@ def mask_weight(mask: torch.Tensor, margin: int) -> torch.Tensor:
 
 
 def registration_loss(
-    settings: LossSettings, fixed, warped, theta, gradients, fixed_mask=None, grid=None, spacing=None
+    settings: LossSettings, fixed, warped, theta, gradients, fixed_mask=None, grid=None, spacing=None, target=None
 ) -> dict[str, torch.Tensor]:
     """The paper's loss, similarity + alpha ||A - A_I||_1 + beta ||Phi - Phi_I||_1, plus the
-    diffusion energy of the displacement (`diffusion`) when its weight is positive: it needs the
-    sampling `grid` and the fixed voxel `spacing` (x, y, z mm; (N, 3) or (3,))."""
+    diffusion energy of the displacement (`diffusion`) and the squared distance to a `target`
+    displacement (`distillation`; (N, 3, D, H, W) mm, over the dilated fixed mask) when their
+    weights are positive: they need the sampling `grid` and the fixed voxel `spacing` (x, y, z mm;
+    (N, 3) or (3,)). Without a target (validation pairs) the distillation term is 0."""
     if settings.similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {settings.similarity!r}; choose from {sorted(SIMILARITIES)}")
     weight = None
-    if settings.mask_weighted:
+    if settings.mask_weighted or (settings.distillation and target is not None):
         if fixed_mask is None:
-            raise ValueError("mask_weighted similarity needs the fixed mask")
+            raise ValueError("a mask-weighted similarity and the distillation need the fixed mask")
         weight = mask_weight(fixed_mask, settings.mask_margin_voxels)
-    similarity = SIMILARITIES[settings.similarity](fixed, warped, weight)
+    similarity = SIMILARITIES[settings.similarity](fixed, warped, weight if settings.mask_weighted else None)
     regularizer = settings.alpha * affine_penalty(theta).to(similarity) + settings.beta * gradient_penalty(
         gradients, settings.regularizer_reduction
     )
-    if settings.diffusion:
+    distillation = similarity.new_zeros(())
+    if settings.diffusion or (settings.distillation and target is not None):
         if grid is None or spacing is None:
-            raise ValueError("the diffusion regulariser needs the sampling grid and the voxel spacing")
+            raise ValueError("the diffusion and distillation terms need the sampling grid and the voxel spacing")
         shape = tuple(grid.shape[1:4])
         points = transform.identity_grid(shape, grid.shape[0], grid.device, grid.dtype)
         displacement = transform.grid_displacement_mm(grid, points, shape, spacing)
-        regularizer = regularizer + settings.diffusion * diffusion(displacement, spacing)
-    return {"loss": similarity + regularizer, "similarity": similarity, "regularizer": regularizer}
+        if settings.diffusion:
+            regularizer = regularizer + settings.diffusion * diffusion(displacement, spacing)
+        if settings.distillation and target is not None:
+            distillation = settings.distillation * squared_distance(displacement, target.to(displacement), weight)
+    return {
+        "loss": similarity + regularizer + distillation,
+        "similarity": similarity,
+        "regularizer": regularizer,
+        "distillation": distillation,
+    }

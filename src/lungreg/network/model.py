@@ -206,18 +206,17 @@ class DeformableBranch(nn.Module):
         return logistic_growth(self.logits(features), self.settings.maxgrad)
 
 
-class RegistrationNet(nn.Module):
-    def __init__(self, settings: ModelSettings):
-        super().__init__()
-        self.settings = settings
-        self.encoder = Encoder(settings.width)
-        self.deformable = DeformableBranch(self.encoder.out_channels, settings)
-        self.linear = LinearBranch(self.encoder.out_channels, settings.affine_map) if settings.affine else None
+class Predictor(nn.Module):
+    """What predicts `NetworkOutputs` for a pair, and the one transform they define.
+
+    `outputs` is the prediction; `transform` turns any outputs (predicted or refined) into the
+    sampling grid and the warp under the construction (positive gradients, det A > 0).
+    """
+
+    settings: ModelSettings
 
     def outputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> NetworkOutputs:
-        features = self.encoder(moving, fixed)
-        affine_output = self.linear.output(features) if self.linear is not None else None
-        return NetworkOutputs(self.deformable.logits(features), affine_output)
+        raise NotImplementedError
 
     def transform(self, outputs: NetworkOutputs, moving: torch.Tensor) -> RegistrationOutput:
         """The transform of `outputs` (positive gradients, det A > 0 by construction) and the warp."""
@@ -231,6 +230,39 @@ class RegistrationNet(nn.Module):
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
         return self.transform(self.outputs(moving, fixed), moving)
+
+
+class RegistrationNet(Predictor):
+    def __init__(self, settings: ModelSettings):
+        super().__init__()
+        self.settings = settings
+        self.encoder = Encoder(settings.width)
+        self.deformable = DeformableBranch(self.encoder.out_channels, settings)
+        self.linear = LinearBranch(self.encoder.out_channels, settings.affine_map) if settings.affine else None
+
+    def outputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> NetworkOutputs:
+        features = self.encoder(moving, fixed)
+        affine_output = self.linear.output(features) if self.linear is not None else None
+        return NetworkOutputs(self.deformable.logits(features), affine_output)
+
+
+class IdentityPredictor(Predictor):
+    """No network: predicts the identity for every pair (logits 0: every gradient 1; a raw affine 0).
+
+    The refinement started from it is pure instance optimisation under the network's own
+    construction and settings (the reference method `identity_refined`, lungreg.study): what the
+    network's prediction adds is measured against it, same objective, same steps.
+    """
+
+    def __init__(self, settings: ModelSettings):
+        super().__init__()
+        self.settings = settings
+
+    def outputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> NetworkOutputs:
+        n, shape = fixed.shape[0], fixed.shape[2:]
+        logits = torch.zeros((n, 3, *shape), device=fixed.device, dtype=torch.float32)
+        affine = torch.zeros((n, 3, 4), device=fixed.device, dtype=torch.float32) if self.settings.affine else None
+        return NetworkOutputs(logits, affine)
 
 
 def load_model(checkpoint: dict, device: str | torch.device = "cpu") -> RegistrationNet:

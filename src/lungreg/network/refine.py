@@ -32,7 +32,7 @@ so each pair's optimisation is independent of the batch it is in (Adam acts per 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -40,7 +40,15 @@ import torch.nn.functional as F
 
 from ..config import settings_from
 from . import losses, transform
-from .model import NetworkOutputs, RegistrationNet, RegistrationOutput, affine_from_output, logistic_growth
+from .model import (
+    IdentityPredictor,
+    ModelSettings,
+    NetworkOutputs,
+    Predictor,
+    RegistrationOutput,
+    affine_from_output,
+    logistic_growth,
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,18 @@ DEFAULT_STAGES = (
 )
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """The factor of a stage's learning rate at `step` (0-based) of `steps`: a linear warm-up
+    (Adam's first steps overshoot), then constant or a cosine decay to 0 at the last step."""
+    ramp = min(1.0, (step + 1) / warmup)
+    if schedule == "constant" or steps <= 1:
+        return ramp
+    return ramp * 0.5 * (1.0 + math.cos(math.pi * step / (steps - 1)))
+
+
 @dataclass(frozen=True)
 class RefineSettings:
     """The refinement (config ``refine:``); no stages (or 0 steps) is the paper's single pass."""
@@ -81,11 +101,16 @@ class RefineSettings:
     similarity: str = "ncc"  # lungreg.network.losses.SIMILARITIES (local NCC: landmarks 2.8 mm vs MSE 3.4)
     mask_margin_voxels: int = 2  # the similarity weight: the fixed lung mask dilated by this
     warmup: int = 5  # steps of a linear learning-rate ramp at the start of each stage
+    # then "constant", or "cosine": the rate decays to 0 at the stage's last step, so a stage ends
+    # settled rather than at Adam's step size (which ignores how near the start already was)
+    schedule: str = "constant"
     tolerance: float = 1e-4  # a stage stops when its best loss improved by less than this (relative) ...
     patience: int = 8  # ... for this many steps
 
     def __post_init__(self):
         object.__setattr__(self, "stages", tuple(self.stages))
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"refine: unknown schedule {self.schedule!r}; choose from {list(SCHEDULES)}")
         if self.similarity not in losses.SIMILARITIES:
             known = sorted(losses.SIMILARITIES)
             raise ValueError(f"refine: unknown similarity {self.similarity!r}; choose from {known}")
@@ -93,6 +118,13 @@ class RefineSettings:
     @property
     def steps(self) -> int:
         return sum(stage.steps for stage in self.stages)
+
+    def with_steps(self, budget: Sequence[int]) -> "RefineSettings":
+        """The same refinement with `budget[k]` steps in stage k (a budget of the curve, or the
+        distillation targets')."""
+        if len(budget) != len(self.stages):
+            raise ValueError(f"refine budget {list(budget)}: one step count per stage ({len(self.stages)} stages)")
+        return replace(self, stages=tuple(replace(stage, steps=int(n)) for stage, n in zip(self.stages, budget)))
 
     @classmethod
     def from_config(cls, section: Mapping | None) -> "RefineSettings":
@@ -133,7 +165,7 @@ def _upsampled(correction: torch.Tensor, shape: tuple[int, int, int]) -> torch.T
 class _Objective:
     """The refinement objective of a batch at one loss level, per pair."""
 
-    def __init__(self, model: RegistrationNet, settings: RefineSettings, moving, fixed, fixed_mask, spacing, level):
+    def __init__(self, model: Predictor, settings: RefineSettings, moving, fixed, fixed_mask, spacing, level):
         self.model, self.settings, self.level = model, settings, level
         self.shape = tuple(fixed.shape[2:])
         weight = losses.mask_weight(fixed_mask, settings.mask_margin_voxels)
@@ -173,7 +205,7 @@ class _Objective:
         return torch.stack(values)
 
 
-def _folds(model: RegistrationNet, logits, theta, fixed_mask) -> torch.Tensor:
+def _folds(model: Predictor, logits, theta, fixed_mask) -> torch.Tensor:
     """Per pair: whether the full-resolution grid has a finite-difference det J <= 0 in the lung."""
     grid = transform.sampling_grid(logistic_growth(logits, model.settings.maxgrad), theta, model.settings.integration)
     determinant = transform.jacobian_determinant_fd(grid.double())
@@ -198,7 +230,7 @@ def _run_stage(stage, settings, model, moving, fixed, fixed_mask, spacing, logit
     taken = 0
     for step in range(stage.steps):
         for group, rate in zip(optimiser.param_groups, (stage.learning_rate, settings.affine_learning_rate)):
-            group["lr"] = rate * min(1.0, (step + 1) / settings.warmup)  # Adam's first steps overshoot
+            group["lr"] = rate * learning_rate_factor(step, stage.steps, settings.warmup, settings.schedule)
         raw = affine_output if affine_step is None else affine_output + affine_step
         per_pair = objective.per_pair(logits + _upsampled(correction, shape), theta_of(raw), stage)
         held = [p.detach().clone() for p in (correction, affine_step) if p is not None]
@@ -225,7 +257,7 @@ def _run_stage(stage, settings, model, moving, fixed, fixed_mask, spacing, logit
 
 
 def refine(
-    model: RegistrationNet,
+    model: Predictor,
     outputs: NetworkOutputs,
     moving: torch.Tensor,
     fixed: torch.Tensor,
@@ -275,7 +307,7 @@ def refine(
 
 
 def refine_batch(
-    model: RegistrationNet,
+    model: Predictor,
     moving: torch.Tensor,
     fixed: torch.Tensor,
     fixed_mask: torch.Tensor,
@@ -293,3 +325,26 @@ def refine_batch(
             return model.transform(outputs, moving), None
     spacing = torch.as_tensor(spacing, dtype=torch.float32, device=fixed.device)
     return refine(model, outputs, moving, fixed, fixed_mask, spacing, settings)
+
+
+def identity_refined_displacement(
+    model_settings: ModelSettings,
+    settings: RefineSettings,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    fixed_mask: torch.Tensor,
+    spacing: torch.Tensor,
+) -> torch.Tensor:
+    """The refinement from the identity of a batch, as a displacement (N, 3, D, H, W) in mm along
+    the grid axes (`transform.grid_displacement_mm`): the training's distillation targets.
+
+    The same construction as the network (`model_settings`) and the same refinement as the
+    workflow's rows (`settings`): the network learns what the refinement would find."""
+    predictor = IdentityPredictor(model_settings)
+    spacing = torch.as_tensor(spacing, dtype=torch.float32, device=fixed.device).reshape(-1, 3)
+    with torch.no_grad():
+        outputs = predictor.outputs(moving, fixed)
+    result, _ = refine(predictor, outputs, moving, fixed, fixed_mask, spacing, settings)
+    shape = tuple(fixed.shape[2:])
+    points = transform.identity_grid(shape, fixed.shape[0], fixed.device, result.grid.dtype)
+    return transform.grid_displacement_mm(result.grid, points, shape, spacing)

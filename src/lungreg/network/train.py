@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
@@ -33,6 +33,7 @@ from ..study import PreprocessedLayout
 from .device import choose_device
 from .losses import LossSettings, registration_loss
 from .model import Acceleration, ModelSettings, RegistrationNet
+from .refine import RefineSettings, identity_refined_displacement
 from .transform import warp
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class TrainSettings:
     checkpoint_every: int = 1
     seed: int = 2018
     device: str = "auto"  # auto: cuda when present, else cpu
+    # with loss.distillation: the targets' steps per refinement stage (None: the refinement's own)
+    distillation_steps: list[int] | None = field(default_factory=lambda: [40, 30])
     # How the network runs (lungreg.network.model.Acceleration); only bf16 changes the numbers enough
     # to make a checkpoint belong to other settings.
     bf16: bool = False  # bf16 autocast of the convolutions (CUDA, or CPU)
@@ -78,20 +81,27 @@ class PairFiles:
     fixed_mask: str
 
 
+def _pool(tensor: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool3d(tensor, 2, ceil_mode=True)
+
+
 def coarse(volumes: list[torch.Tensor]) -> list[torch.Tensor]:
     """(moving, fixed, moving_mask, fixed_mask) at half resolution: images averaged over 2^3
     blocks, masks the blocks' maximum (a block touching the lung is lung)."""
     moving, fixed, moving_mask, fixed_mask = volumes
-    pool, top = (lambda t: F.avg_pool3d(t, 2, ceil_mode=True)), (lambda t: F.max_pool3d(t, 2, ceil_mode=True))
-    return [pool(moving), pool(fixed), top(moving_mask), top(fixed_mask)]
+    top = lambda t: F.max_pool3d(t, 2, ceil_mode=True)  # noqa: E731
+    return [_pool(moving), _pool(fixed), top(moving_mask), top(fixed_mask)]
 
 
 class PairSet:
     """All pairs of a set held in memory as (moving, fixed, moving_mask, fixed_mask) stacks, and
-    the fixed images' voxel sizes (N, 3; x, y, z mm) for the physical regulariser.
+    the fixed images' voxel sizes (N, 3; x, y, z mm) for the physical regulariser; `targets`, when
+    set, the pairs' distillation targets ((N, 3, D, H, W) mm, `refine.identity_refined_displacement`).
 
     Each distinct file is read once, however many pairs use it.
     """
+
+    targets: torch.Tensor | None = None
 
     def __init__(self, pairs: list[PairFiles]):
         if not pairs:
@@ -112,11 +122,31 @@ class PairSet:
     def __len__(self) -> int:
         return self.tensors[0].shape[0]
 
-    def batch(self, index: torch.Tensor, device: torch.device, half: bool = False) -> tuple[list, torch.Tensor]:
-        """The pairs' volumes on `device` (at half resolution with `half`) and their voxel sizes."""
+    def batch(
+        self, index: torch.Tensor, device: torch.device, half: bool = False
+    ) -> tuple[list, torch.Tensor, torch.Tensor | None]:
+        """The pairs' volumes on `device` (at half resolution with `half`), their voxel sizes and
+        their distillation targets (None without)."""
         volumes = [t[index].to(device, non_blocking=True) for t in self.tensors]
         spacing = self.spacing[index].to(device)
-        return (coarse(volumes), 2 * spacing) if half else (volumes, spacing)
+        target = None if self.targets is None else self.targets[index].to(device)
+        if not half:
+            return volumes, spacing, target
+        return coarse(volumes), 2 * spacing, None if target is None else _pool(target)
+
+    def compute_targets(
+        self, model_settings: ModelSettings, settings: RefineSettings, device: torch.device, batch_size: int = 4
+    ) -> None:
+        """The distillation targets: each pair refined from the identity (the workflow's refinement)."""
+        targets = []
+        for start in range(0, len(self), batch_size):
+            (moving, fixed, _, fixed_mask), spacing, _ = self.batch(
+                torch.arange(start, min(start + batch_size, len(self))), device
+            )
+            targets.append(
+                identity_refined_displacement(model_settings, settings, moving, fixed, fixed_mask, spacing).cpu()
+            )
+        self.targets = torch.cat(targets)
 
 
 def fingerprint(*parts: object) -> str:
@@ -148,11 +178,11 @@ def validate(
     losses, dices, unregistered = [], [], []
     for start in range(0, len(data), batch_size):
         index = torch.arange(start, min(start + batch_size, len(data)))
-        (moving, fixed, moving_mask, fixed_mask), spacing = data.batch(index, device, half)
+        (moving, fixed, moving_mask, fixed_mask), spacing, _ = data.batch(index, device, half)
         out = model(moving, fixed)
         loss = registration_loss(
             loss_settings, fixed, out.warped, out.theta, out.gradients, fixed_mask, out.grid, spacing
-        )
+        )  # validation pairs have no distillation target: the unsupervised loss alone picks the model
         losses.append(float(loss["loss"]) * len(index))
         warped_mask = warp(moving_mask, out.grid) > 0.5
         for k in range(len(index)):
@@ -242,12 +272,20 @@ def train(
     settings: TrainSettings,
     checkpoint_path: str | Path | None = None,
     extra: dict | None = None,
+    refine_settings: RefineSettings | None = None,
 ) -> tuple[dict, pd.DataFrame]:
     """Train and return (the best model's checkpoint dictionary, the per-epoch log).
 
     `extra` is stored in the model file (preprocessing settings, so the `register` command can
-    prepare new images the same way).
+    prepare new images the same way). With a `loss.distillation` weight, each training pair is
+    first refined from the identity with `refine_settings` (the workflow's refinement) and the
+    network also learns to predict that displacement.
     """
+    distilled = bool(loss_settings.distillation)
+    if distilled and refine_settings is not None and settings.distillation_steps is not None:
+        refine_settings = refine_settings.with_steps(settings.distillation_steps)
+    if distilled and (refine_settings is None or not refine_settings.steps):
+        raise ValueError("loss.distillation needs refinement steps (refine: stages) to make its targets")
     device = choose_device(settings.device)
     torch.manual_seed(settings.seed)
     model = RegistrationNet(model_settings)
@@ -265,12 +303,21 @@ def train(
     key = fingerprint(
         model_settings.as_dict(),
         asdict(loss_settings),
+        asdict(refine_settings) if distilled else None,
         resumable,
         [asdict(p) for p in train_pairs],
         [asdict(p) for p in val_pairs],
     )
     state = _resume(checkpoint_path, key, model, optimizer, scheduler)
     train_data, val_data = PairSet(train_pairs), PairSet(val_pairs)
+    if distilled:
+        started = time.perf_counter()
+        train_data.compute_targets(model_settings, refine_settings, device)
+        log.info(
+            "distillation targets: %d pairs refined from the identity in %.1f s",
+            len(train_data),
+            time.perf_counter() - started,
+        )
     log.info("training on %d pairs, validating on %d, device %s", len(train_data), len(val_data), device)
     model.train()
     for epoch in range(state.epoch + 1, settings.epochs + 1):
@@ -287,15 +334,15 @@ def train(
         started = time.perf_counter()
         order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch))
         batches = order.split(settings.batch_size)
-        sums = {"loss": 0.0, "similarity": 0.0, "regularizer": 0.0}
+        sums = {"loss": 0.0, "similarity": 0.0, "regularizer": 0.0, "distillation": 0.0}
         for number, index in enumerate(batches, start=1):
-            (moving, fixed, _, fixed_mask), spacing = train_data.batch(index, device, half)
+            (moving, fixed, _, fixed_mask), spacing, target = train_data.batch(index, device, half)
             moving, fixed = acceleration.inputs(moving, fixed)
             with acceleration.autocast(device):
                 out = forward(moving, fixed)
             warped, gradients = out.warped.float(), out.gradients.float()
             losses = registration_loss(
-                loss_settings, fixed, warped, out.theta, gradients, fixed_mask, out.grid, spacing
+                loss_settings, fixed, warped, out.theta, gradients, fixed_mask, out.grid, spacing, target
             )
             check_finite(losses, epoch, number)
             optimizer.zero_grad(set_to_none=True)
@@ -373,8 +420,12 @@ def run_training(
     log_path: str | Path,
     checkpoint_path: str | Path | None = None,
     curve_path: str | Path | None = None,
+    refine: dict | None = None,
 ) -> pd.DataFrame:
-    """The training job: train, then write the best model, the per-epoch log and its figure."""
+    """The training job: train, then write the best model, the per-epoch log and its figure.
+
+    `refine`: the workflow's refine: section (its workflow keys left out), the distillation
+    targets' refinement."""
     checkpoint, history = train(
         pair_files(train_rows, preprocessed),
         pair_files(validation_rows, preprocessed),
@@ -383,6 +434,7 @@ def run_training(
         TrainSettings.from_config(settings),
         checkpoint_path,
         extra={"preprocess": preprocess},
+        refine_settings=RefineSettings.from_config(refine) if refine is not None else None,
     )
     torch_io.save_torch(checkpoint, model_path)
     io.write_table(history, log_path)

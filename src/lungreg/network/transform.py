@@ -209,7 +209,16 @@ def grid_to_displacement(grid: np.ndarray, fixed: Grid, moving: Grid) -> np.ndar
 
     ITK displacement-field convention: at every fixed voxel centre x, the offset in mm to the
     moving-image point the voxel takes its value from, so T(x) = x + u(x).
+
+    A float32 grid's offset from the float32 identity is exact in float32 (both are close), so it
+    is added to the float64 identity: float32 rounds the displacement, not the position (the
+    identity's own grid then gives exactly `identity_displacement`).
     """
+    grid = np.asarray(grid)
+    if grid.dtype == np.float32:
+        shape = tuple(grid.shape[:3])
+        offset = grid - identity_grid(shape, dtype=torch.float32).numpy()[0]
+        grid = identity_grid(shape, dtype=torch.float64).numpy()[0] + offset.astype(np.float64)
     homogeneous = np.concatenate([grid, np.ones(grid.shape[:-1] + (1,))], axis=-1)
     moving_norm_to_world = _index_to_world_matrix(moving) @ _normalised_to_index_matrix(moving)
     moving_points = homogeneous @ moving_norm_to_world[:3].T

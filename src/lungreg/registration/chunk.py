@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from .. import io
 from ..evaluate import LANDMARK_COLUMNS, Phase, evaluate_pair, load_phase, warp_image, warp_mask
-from ..network.model import Acceleration
+from ..network.model import Acceleration, IdentityPredictor, ModelSettings
 from ..network.refine import RefineSettings
 from ..network.transform import displacement_image
 from ..study import METHOD, Pair, PreprocessedLayout
@@ -128,32 +128,39 @@ def run_chunk(
     return metrics
 
 
+def _refine_settings(refine: Mapping | RefineSettings) -> RefineSettings:
+    return refine if isinstance(refine, RefineSettings) else RefineSettings.from_config(refine)
+
+
 def build_registrar(
     method: str,
     threads: int,
     inference: Mapping | None = None,
     model_path: str | None = None,
     baseline_options: Mapping | None = None,
-    refine: Mapping | None = None,
+    refine: Mapping | RefineSettings | None = None,
+    model: Mapping | None = None,
 ) -> Registrar:
     """The registrar of a method name as used in the workflow's paths and tables (`study.METHODS`).
 
     `inference`: the workflow's `inference:` section (a network's device, batch size, acceleration);
-    `refine`: its `refine:` section, used by the refined rows of the network.
+    `refine`: its `refine:` section, used by the refined rows; `model`: its `model:` section, the
+    construction the refinement from the identity optimises under (no trained network).
     """
     kind = METHOD[method].kind if method in METHOD else None
     if kind == "identity":
         return IdentityRegistrar(method, threads)
-    if kind == "network":
+    if kind in ("network", "instance"):
+        predictor = model_path if kind == "network" else IdentityPredictor(ModelSettings.from_config(model))
         return NetworkRegistrar(
             method,
-            model_path,
+            predictor,
             inference["device"],
             inference["batch_size"],
             threads,
             acceleration=Acceleration.from_config(inference),
             prefetch=inference["prefetch"],
-            refine=RefineSettings.from_config(refine) if METHOD[method].refined else None,
+            refine=_refine_settings(refine) if METHOD[method].refined else None,
         )
     return build_baseline(method, baseline_options or {}, threads)  # refuses a method it does not know
 
@@ -172,12 +179,13 @@ def register_chunk_job(
     landmarks: str,
     baseline_options: Mapping | None = None,
     refine: Mapping | None = None,
+    model: Mapping | None = None,
 ) -> pd.DataFrame:
     """One chunk job of the workflow: build the method's registrar and run the chunk.
 
     `options`: the workflow's `inference:` section (which pairs get their files: `save_fields`).
     """
-    registrar = build_registrar(method, threads, options, model_path, baseline_options, refine)
+    registrar = build_registrar(method, threads, options, model_path, baseline_options, refine, model)
     pairs = [Pair(r["moving_subject"], r["moving_phase"], r["fixed_subject"], r["fixed_phase"]) for r in pair_rows]
     truths = {subject: io.read_intermediate_image(path) for subject, path in truth.items()}
     return run_chunk(

@@ -14,7 +14,7 @@ import torch
 from .. import torch_io
 from ..evaluate import Phase
 from ..network.device import choose_device
-from ..network.model import Acceleration, RegistrationOutput, load_model
+from ..network.model import Acceleration, Predictor, RegistrationOutput, load_model
 from ..network.refine import RefineReport, RefineSettings, refine
 from ..network.transform import affine_to_physical, grid_to_displacement
 from .base import LoadedPair, RegistrationResult
@@ -35,7 +35,8 @@ class _InFlight:
 
 
 class NetworkRegistrar:
-    """The trained network; pairs go through it in batches, timed around the forward pass.
+    """The trained network (or another `Predictor`); pairs go through it in batches, timed around
+    the forward pass.
 
     `acceleration` (bf16, channels_last, cudnn_benchmark, compile) says how the network runs. With
     `prefetch`, `register_stream` overlaps work on CUDA: batch k+1 is read from disk, stacked into
@@ -63,7 +64,7 @@ class NetworkRegistrar:
     def __init__(
         self,
         name: str,
-        model_path: str | Path,
+        model: str | Path | Predictor,
         device: str = "auto",
         batch_size: int = 4,
         threads: int = 1,
@@ -76,8 +77,8 @@ class NetworkRegistrar:
         self.torch_device = choose_device(device)
         self.device = torch.cuda.get_device_name(self.torch_device) if self.torch_device.type == "cuda" else "cpu"
         self.acceleration = acceleration if acceleration is not None else Acceleration(bf16=bf16)
-        checkpoint = torch_io.load_torch(model_path)
-        self.model = load_model(checkpoint, "cpu")
+        # A trained network's file, or a predictor itself (IdentityPredictor: refinement without a network)
+        self.model = model.eval() if isinstance(model, Predictor) else load_model(torch_io.load_torch(model), "cpu")
         self._runner = self.acceleration.prepare(self.model, self.torch_device)
         self.prefetch = prefetch
         self.refine = refine if refine is not None and refine.steps > 0 else None
@@ -178,7 +179,7 @@ class NetworkRegistrar:
             start, end, done = flight.events
             done.synchronize()
             seconds = start.elapsed_time(end) / 1000.0 / len(flight.batch)
-        grids = flight.grid.double().numpy()
+        grids = flight.grid.float().numpy()  # float32: grid_to_displacement keeps the offset exact
         warped = flight.warped.float().numpy()
         results = []
         for k, item in enumerate(flight.batch):

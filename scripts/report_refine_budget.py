@@ -1,0 +1,7 @@
+"""The refinement's accuracy against its budget, from the network and from the identity."""
+
+from lungreg.plots import budget_figure
+from lungreg.workflow import log_to
+
+with log_to(snakemake.log[0]):
+    budget_figure(snakemake.input.table, snakemake.output[0])
