@@ -74,8 +74,8 @@ class RefineStage:
 # The workflow's default (config/schemas/config.schema.yaml, tests/test_config.py keeps them equal):
 # a smooth correction on a coarse grid against pooled images, then a finer one at full resolution.
 DEFAULT_STAGES = (
-    RefineStage(steps=40, control_stride=4, loss_level=2, learning_rate=0.1, diffusion=0.3),
-    RefineStage(steps=30, control_stride=2, loss_level=1, learning_rate=0.05, bending=0.9),
+    RefineStage(steps=10, control_stride=4, loss_level=2, learning_rate=0.1, diffusion=0.3),
+    RefineStage(steps=20, control_stride=2, loss_level=1, learning_rate=0.05, bending=0.9),
 )
 
 
@@ -103,7 +103,7 @@ class RefineSettings:
     warmup: int = 5  # steps of a linear learning-rate ramp at the start of each stage
     # then "constant", or "cosine": the rate decays to 0 at the stage's last step, so a stage ends
     # settled rather than at Adam's step size (which ignores how near the start already was)
-    schedule: str = "constant"
+    schedule: str = "cosine"
     tolerance: float = 1e-4  # a stage stops when its best loss improved by less than this (relative) ...
     patience: int = 8  # ... for this many steps
 
