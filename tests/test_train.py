@@ -154,11 +154,18 @@ def test_distillation_trains_towards_the_refinement_from_the_identity(shifted_pa
     short = RefineSettings(stages=(RefineStage(steps=10, control_stride=2, learning_rate=0.1),))
     with pytest.raises(ValueError, match="distillation needs refinement steps"):
         train([shifted_pair], [shifted_pair], SMALL, settings, FAST)
-    _, history = train(
-        [shifted_pair] * 2, [shifted_pair], SMALL, settings, TrainSettings(epochs=6, batch_size=2, seed=1),
-        refine_settings=short,
+    checkpoint, history = train(
+        [shifted_pair] * 2, [shifted_pair], SMALL, settings,
+        TrainSettings(epochs=6, batch_size=2, seed=1, distillation_steps=None), refine_settings=short,
     )  # fmt: skip
     assert history["train_distillation"].iloc[-1] < 0.7 * history["train_distillation"].iloc[0]
+    # The distilled network keeps the construction: positive gradients, det A > 0, on any input.
+    net = RegistrationNet(SMALL)
+    net.load_state_dict(checkpoint["state_dict"])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = net.eval()(*torch.rand((2, 3, 1, *SHAPE), generator=generator))
+    assert (out.gradients > 0).all() and (torch.linalg.det(out.theta[:, :, :3]) > 0).all()
 
 
 def test_local_ncc_equals_the_direct_box_mean_formula():

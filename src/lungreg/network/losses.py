@@ -17,16 +17,20 @@ from ..config import settings_from
 from . import transform
 
 
-def _weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def _weighted_mean(values: torch.Tensor, weight: torch.Tensor | None, per_pair: bool = False) -> torch.Tensor:
+    """The (weighted) mean over everything, or with `per_pair` over each pair's voxels, (N,)."""
+    dims = tuple(range(1, values.dim())) if per_pair else tuple(range(values.dim()))
     if weight is None:
-        return values.mean()
+        return values.mean(dims)
     weight = weight.expand_as(values)
-    return (values * weight).sum() / weight.sum().clamp_min(1e-6)
+    return (values * weight).sum(dims) / weight.sum(dims).clamp_min(1e-6)
 
 
-def mse(fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def mse(
+    fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None, per_pair: bool = False
+) -> torch.Tensor:
     """||R - W(S, G)||^2, averaged over (weighted) voxels: the paper's similarity."""
-    return _weighted_mean((fixed - warped) ** 2, weight)
+    return _weighted_mean((fixed - warped) ** 2, weight, per_pair)
 
 
 def _clipped_window_mean(x: torch.Tensor, axis: int, radius: int) -> torch.Tensor:
@@ -42,7 +46,12 @@ def _clipped_window_mean(x: torch.Tensor, axis: int, radius: int) -> torch.Tenso
 
 
 def local_ncc(
-    fixed: torch.Tensor, warped: torch.Tensor, weight: torch.Tensor | None = None, window: int = 9, eps: float = 1e-5
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    per_pair: bool = False,
+    window: int = 9,
+    eps: float = 1e-5,
 ) -> torch.Tensor:
     """1 - mean local normalised cross-correlation over cubic windows of `window` voxels."""
 
@@ -59,13 +68,14 @@ def local_ncc(
     var_f = (box(fixed * fixed) - mean_f**2).clamp_min(0)
     var_w = (box(warped * warped) - mean_w**2).clamp_min(0)
     ncc = cov * cov / (var_f * var_w + eps)
-    return 1.0 - _weighted_mean(ncc, weight)
+    return 1.0 - _weighted_mean(ncc, weight, per_pair)
 
 
 def mutual_information(
     fixed: torch.Tensor,
     warped: torch.Tensor,
     weight: torch.Tensor | None = None,
+    per_pair: bool = False,
     bins: int = 32,
     sigma: float | None = None,
 ) -> torch.Tensor:
@@ -89,7 +99,7 @@ def mutual_information(
     joint = joint / joint.sum(dim=(1, 2), keepdim=True).clamp_min(1e-12)
     p_f, p_w = joint.sum(2, keepdim=True), joint.sum(1, keepdim=True)
     mi = (joint * (torch.log(joint + 1e-10) - torch.log(p_f * p_w + 1e-10))).sum(dim=(1, 2))
-    return -mi.mean()
+    return -mi if per_pair else -mi.mean()
 
 
 SIMILARITIES: dict[str, Callable[..., torch.Tensor]] = {
@@ -107,12 +117,12 @@ def affine_penalty(theta: torch.Tensor | None) -> torch.Tensor:
     return (theta - identity).abs().sum(dim=(1, 2)).mean()
 
 
-def gradient_penalty(gradients: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def gradient_penalty(gradients: torch.Tensor, reduction: str = "mean", per_pair: bool = False) -> torch.Tensor:
     """||Phi - Phi_I||_1 with Phi_I = 1: summed over voxels ("sum", Keras's activity-regulariser
-    convention) or averaged ("mean"), then averaged over the batch."""
+    convention) or averaged ("mean"), then averaged over the batch (or per pair, (N,))."""
     deviation = (gradients - 1.0).abs().flatten(1)
-    per_pair = deviation.sum(1) if reduction == "sum" else deviation.mean(1)
-    return per_pair.mean()
+    values = deviation.sum(1) if reduction == "sum" else deviation.mean(1)
+    return values if per_pair else values.mean()
 
 
 def _axis_differences(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_spacing: float, order: int):
@@ -124,7 +134,14 @@ def _axis_differences(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, 
             yield torch.diff(displacement_mm, n=order, dim=dim), spacing[:, component_axis].reshape(-1, 1, 1, 1, 1)
 
 
-def diffusion(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_spacing: float = 1.0) -> torch.Tensor:
+def _voxel_mean(values: torch.Tensor, per_pair: bool) -> torch.Tensor:
+    """The mean over voxels of a (N, D, H, W) term: over the batch too, or per pair (N,)."""
+    return values.flatten(1).mean(1) if per_pair else values.mean()
+
+
+def diffusion(
+    displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_spacing: float = 1.0, per_pair: bool = False
+) -> torch.Tensor:
     """Diffusion (membrane) energy: the mean over voxels of sum_a sum_c (du_c / dx_a)^2.
 
     `displacement_mm`: (N, 3, D, H, W) in mm (`transform.grid_displacement_mm`); forward
@@ -135,13 +152,16 @@ def diffusion(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_s
     rigid, it costs rough fields most and carries the boundary's motion into the lung's interior.
     """
     differences = _axis_differences(displacement_mm, spacing_xyz, points_spacing, order=1)
-    return sum((((d / step) ** 2).sum(1).mean() for d, step in differences), displacement_mm.new_zeros(()))
+    terms = (_voxel_mean(((d / step) ** 2).sum(1), per_pair) for d, step in differences)
+    return sum(terms, displacement_mm.new_zeros((len(displacement_mm),) if per_pair else ()))
 
 
 BENDING_LENGTH_MM = 10.0  # the bending energy's length scale: makes it dimensionless
 
 
-def bending(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_spacing: float = 1.0) -> torch.Tensor:
+def bending(
+    displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_spacing: float = 1.0, per_pair: bool = False
+) -> torch.Tensor:
     """Second-order smoothness: the mean over voxels of sum_a sum_c (L d2u_c / dx_a^2)^2.
 
     The pure second derivatives of the bending energy (central second differences over the
@@ -152,8 +172,8 @@ def bending(displacement_mm: torch.Tensor, spacing_xyz: torch.Tensor, points_spa
     u_z/t_z 0.64-0.94), only its curvature is.
     """
     differences = _axis_differences(displacement_mm, spacing_xyz, points_spacing, order=2)
-    terms = ((d * (BENDING_LENGTH_MM / step**2)) ** 2 for d, step in differences)
-    return sum((t.sum(1).mean() for t in terms), displacement_mm.new_zeros(()))
+    terms = (_voxel_mean(((d * (BENDING_LENGTH_MM / step**2)) ** 2).sum(1), per_pair) for d, step in differences)
+    return sum(terms, displacement_mm.new_zeros((len(displacement_mm),) if per_pair else ()))
 
 
 def squared_distance(

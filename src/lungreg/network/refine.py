@@ -165,44 +165,43 @@ def _upsampled(correction: torch.Tensor, shape: tuple[int, int, int]) -> torch.T
 class _Objective:
     """The refinement objective of a batch at one loss level, per pair."""
 
-    def __init__(self, model: Predictor, settings: RefineSettings, moving, fixed, fixed_mask, spacing, level):
+    def __init__(self, model: Predictor, settings: RefineSettings, moving, fixed, weight, spacing, level):
+        """`weight`: the similarity's, the fixed lung mask dilated by `settings.mask_margin_voxels`."""
         self.model, self.settings, self.level = model, settings, level
         self.shape = tuple(fixed.shape[2:])
-        weight = losses.mask_weight(fixed_mask, settings.mask_margin_voxels)
         self.moving = moving if level == 1 else _blur(moving)
         self.fixed = fixed if level == 1 else F.avg_pool3d(fixed, level, ceil_mode=True)
         self.weight = weight if level == 1 else F.avg_pool3d(weight, level, ceil_mode=True)
         self.points = transform.block_centres(self.shape, level, fixed.shape[0], fixed.device, fixed.dtype)
         self.spacing = spacing
 
-    def grid(self, logits: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
-        gradients = logistic_growth(logits, self.model.settings.maxgrad)
+    def grid(self, gradients: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
         if self.level == 1:
             return transform.sampling_grid(gradients, theta, self.model.settings.integration)
-        n = logits.shape[0]
+        n = gradients.shape[0]
         points = transform.map_normalised_points(
             gradients, theta, self.points.reshape(n, -1, 3), self.model.settings.integration
         )
         return points.reshape(self.points.shape)
 
     def per_pair(self, logits: torch.Tensor, theta: torch.Tensor | None, weights: RefineStage | None) -> torch.Tensor:
-        """The objective per pair, with the regulariser weights of the stage `weights` (None: none)."""
-        grid = self.grid(logits, theta)
-        warped = transform.warp(self.moving, grid)
-        displacement = transform.grid_displacement_mm(grid, self.points, self.shape, self.spacing)
+        """The objective per pair, (N,), with the regulariser weights of the stage `weights` (None: none).
+
+        Every term is reduced over each pair's own voxels, so a pair's value and gradient do not
+        depend on the other pairs of its batch."""
         gradients = logistic_growth(logits, self.model.settings.maxgrad)
+        grid = self.grid(gradients, theta)
+        warped = transform.warp(self.moving, grid)
         similarity = losses.SIMILARITIES[self.settings.similarity]
-        values = []
-        for k in range(logits.shape[0]):
-            one = slice(k, k + 1)
-            value = similarity(self.fixed[one], warped[one], self.weight[one])
-            value = value + self.settings.beta * losses.gradient_penalty(gradients[one])
-            if weights is not None and weights.diffusion:
-                value = value + weights.diffusion * losses.diffusion(displacement[one], self.spacing[one], self.level)
-            if weights is not None and weights.bending:
-                value = value + weights.bending * losses.bending(displacement[one], self.spacing[one], self.level)
-            values.append(value)
-        return torch.stack(values)
+        value = similarity(self.fixed, warped, self.weight, per_pair=True)
+        value = value + self.settings.beta * losses.gradient_penalty(gradients, per_pair=True)
+        if weights is not None and (weights.diffusion or weights.bending):
+            displacement = transform.grid_displacement_mm(grid, self.points, self.shape, self.spacing)
+            if weights.diffusion:
+                value = value + weights.diffusion * losses.diffusion(displacement, self.spacing, self.level, True)
+            if weights.bending:
+                value = value + weights.bending * losses.bending(displacement, self.spacing, self.level, True)
+        return value
 
 
 def _folds(model: Predictor, logits, theta, fixed_mask) -> torch.Tensor:
@@ -212,10 +211,10 @@ def _folds(model: Predictor, logits, theta, fixed_mask) -> torch.Tensor:
     return ((determinant <= 0) & (fixed_mask[:, 0] > 0.5)).flatten(1).any(1)
 
 
-def _run_stage(stage, settings, model, moving, fixed, fixed_mask, spacing, logits, affine_output, theta_of):
+def _run_stage(stage, settings, model, moving, fixed, weight, spacing, logits, affine_output, theta_of):
     """Adam on a control-grid correction of the logits (and on the affine); returns the stage's end."""
     n, shape = logits.shape[0], tuple(logits.shape[2:])
-    objective = _Objective(model, settings, moving, fixed, fixed_mask, spacing, stage.loss_level)
+    objective = _Objective(model, settings, moving, fixed, weight, spacing, stage.loss_level)
     control = tuple(math.ceil(d / stage.control_stride) for d in shape)
     correction = torch.zeros((n, 3, *control), device=logits.device, requires_grad=True)
     groups = [{"params": [correction], "lr": stage.learning_rate}]
@@ -280,7 +279,8 @@ def refine(
 
     finest = settings.stages[-1] if settings.stages else None
     with torch.enable_grad():
-        full = _Objective(model, settings, moving, fixed, fixed_mask, spacing, 1)
+        weight = losses.mask_weight(fixed_mask, settings.mask_margin_voxels)  # once: every objective's
+        full = _Objective(model, settings, moving, fixed, weight, spacing, 1)
         with torch.no_grad():
             initial = full.per_pair(logits, theta_of(affine_output), finest)
         best, best_logits, best_affine = initial.clone(), logits, affine_output
@@ -289,7 +289,7 @@ def refine(
             if stage.steps == 0:
                 continue
             logits, affine_output, taken = _run_stage(
-                stage, settings, model, moving, fixed, fixed_mask, spacing, logits, affine_output, theta_of
+                stage, settings, model, moving, fixed, weight, spacing, logits, affine_output, theta_of
             )
             steps += taken
             with torch.no_grad():  # the stage's end, if it is the best feasible state so far (per pair)
