@@ -45,6 +45,10 @@ RECIPES = {
     "distill_1e-3": {"loss": {"distillation": 1.0e-3}},
     "distill_1e-4": {"loss": {"distillation": 1.0e-4}},
     "distill_1e-3_stride1": {"loss": {"distillation": 1.0e-3}, "model": {"deformable_stride": 1}},
+    # the distilled default (config.yaml) with a cosine learning-rate decay within each phase
+    "distill_cosine": {"train": {"schedule": "cosine"}},
+    # the distilled default with targets made at a constant refinement rate (the rows' is cosine)
+    "distill_constant_targets": {"train": {"distillation_schedule": "constant"}},
 }
 
 

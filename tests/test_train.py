@@ -168,6 +168,16 @@ def test_distillation_trains_towards_the_refinement_from_the_identity(shifted_pa
     assert (out.gradients > 0).all() and (torch.linalg.det(out.theta[:, :, :3]) > 0).all()
 
 
+def test_the_cosine_schedule_decays_within_each_phase_and_restarts_at_full_resolution():
+    settings = TrainSettings(epochs=10, coarse_epochs=4, learning_rate=1e-3, schedule="cosine")
+    rates = [settings.cosine_rate(epoch) for epoch in range(1, 11)]
+    assert rates[0] == rates[4] == pytest.approx(1e-3)  # each phase starts at the full rate
+    assert all(a > b for a, b in zip(rates[:3], rates[1:4])) and all(a > b for a, b in zip(rates[4:9], rates[5:]))
+    assert 0 < rates[-1] < 0.1e-3 and 0 < rates[3] < 0.2e-3  # and ends small, never at 0
+    with pytest.raises(ValueError, match="unknown schedule"):
+        TrainSettings(epochs=1, schedule="step")
+
+
 def test_local_ncc_equals_the_direct_box_mean_formula():
     """The separable box filter gives exactly the 3-D clipped-window means."""
     generator = torch.Generator().manual_seed(0)

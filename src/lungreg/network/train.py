@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -47,14 +47,20 @@ class TrainSettings:
     coarse_epochs: int = 0  # the first epochs on 2x average-pooled volumes (coarse to fine; 8x cheaper steps)
     batch_size: int = 2
     learning_rate: float = 1e-3
+    # "plateau" (the paper's ReduceLROnPlateau), or "cosine": within each phase (the coarse epochs,
+    # then the full-resolution ones) the rate decays from learning_rate towards 0 along a cosine,
+    # so a short training ends settled instead of at its full step size
+    schedule: str = "plateau"
     plateau_patience: int = 50
     plateau_factor: float = 0.9
     early_stopping_patience: int = 100
     checkpoint_every: int = 1
     seed: int = 2018
     device: str = "auto"  # auto: cuda when present, else cpu
-    # with loss.distillation: the targets' steps per refinement stage (None: the refinement's own)
+    # with loss.distillation: the targets' steps per refinement stage and learning-rate schedule
+    # (None: the refinement's own)
     distillation_steps: list[int] | None = field(default_factory=lambda: [40, 30])
+    distillation_schedule: str | None = None
     # How the network runs (lungreg.network.model.Acceleration); only bf16 changes the numbers enough
     # to make a checkpoint belong to other settings.
     bf16: bool = False  # bf16 autocast of the convolutions (CUDA, or CPU)
@@ -62,9 +68,23 @@ class TrainSettings:
     cudnn_benchmark: bool = False  # cuDNN autotuning (CUDA only)
     compile: bool | str = False  # torch.compile the forward pass (true or a mode name)
 
+    def __post_init__(self):
+        if self.schedule not in ("plateau", "cosine"):
+            raise ValueError(f"train: unknown schedule {self.schedule!r}; choose plateau or cosine")
+
     @property
     def acceleration(self) -> Acceleration:
         return Acceleration.from_config(asdict(self))
+
+    def cosine_rate(self, epoch: int) -> float:
+        """The cosine schedule's rate at `epoch` (1-based): from learning_rate down along a cosine
+        over the epochs of its phase (coarse, then full resolution)."""
+        first, count = (
+            (1, self.coarse_epochs)
+            if epoch <= self.coarse_epochs
+            else (self.coarse_epochs + 1, self.epochs - self.coarse_epochs)
+        )
+        return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * (epoch - first) / max(count, 1)))
 
     @classmethod
     def from_config(cls, section: Mapping) -> "TrainSettings":
@@ -284,6 +304,8 @@ def train(
     distilled = bool(loss_settings.distillation)
     if distilled and refine_settings is not None and settings.distillation_steps is not None:
         refine_settings = refine_settings.with_steps(settings.distillation_steps)
+    if distilled and refine_settings is not None and settings.distillation_schedule is not None:
+        refine_settings = replace(refine_settings, schedule=settings.distillation_schedule)
     if distilled and (refine_settings is None or not refine_settings.steps):
         raise ValueError("loss.distillation needs refinement steps (refine: stages) to make its targets")
     device = choose_device(settings.device)
@@ -331,6 +353,9 @@ def train(
             )
         if state.epochs_without_improvement >= settings.early_stopping_patience and not half:
             break
+        if settings.schedule == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = settings.cosine_rate(epoch)
         started = time.perf_counter()
         order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch))
         batches = order.split(settings.batch_size)
@@ -354,7 +379,8 @@ def train(
                 log.info(_progress(epoch, settings.epochs, number, len(batches), float(losses["loss"].detach())))
         scores = validate(model, val_data, loss_settings, device, settings.batch_size, half)
         check_finite({"validation loss": torch.tensor(scores["val_loss"])}, epoch, 0)
-        scheduler.step(scores["val_loss"])
+        if settings.schedule == "plateau":
+            scheduler.step(scores["val_loss"])
         if scores["val_loss"] < state.best_loss:
             state.best_loss, state.best_epoch, state.epochs_without_improvement = scores["val_loss"], epoch, 0
             state.best_state = copy.deepcopy(model.state_dict())
