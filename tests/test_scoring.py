@@ -24,7 +24,7 @@ from lungreg import io, metrics
 from lungreg.evaluate import Phase, evaluate_pair, load_phase, moving_points, score_batch
 from lungreg.geometry import Grid, image_from_array, resample
 from lungreg.network import scoring
-from lungreg.network.transform import displacement_transform
+from lungreg.network.transform import displacement_transform, physical_displacement
 from lungreg.study import Pair, PreprocessedLayout
 
 WARP_TIE = 1e-9
@@ -84,10 +84,13 @@ def linear_mask_values(moving: Phase, fixed_grid: Grid, displacement: np.ndarray
     )
 
 
-def assert_scores_match(pair: Pair, fixed: Phase, moving: Phase, displacement: np.ndarray, truth=None) -> dict:
-    """score_batch against evaluate_pair on one pair, within the stated tolerances; the reference row."""
+def assert_scores_match(
+    pair: Pair, fixed: Phase, moving: Phase, displacement: np.ndarray, truth=None, points=None
+) -> dict:
+    """score_batch against evaluate_pair on one pair, within the stated tolerances; the reference row.
+    `points`: the moving points scored (default: those of `displacement`)."""
     reference, reference_landmarks = evaluate_pair(pair, fixed, moving, displacement, truth)
-    points = moving_points(displacement, fixed.grid, moving.grid)
+    points = moving_points(displacement, fixed.grid, moving.grid) if points is None else points
     score = score_batch([pair], [fixed], [moving], [points], [truth])[0]
     warped = score.warped_mask.numpy()
     values = linear_mask_values(moving, fixed.grid, displacement)
@@ -124,6 +127,52 @@ def test_random_fields_on_anisotropic_oblique_grids_match_the_reference(seed):
     truth = image_from_array(smooth_field(TRUTH, seed + 10, 5.0), TRUTH, is_vector=True)
     row = assert_scores_match(INTRA, fixed, moving, field, truth)
     assert 0.3 < row["dice"] < 1 and row["landmarks_scored"] == 25 and row["jacobian_min"] > 0
+
+
+def random_case(seed: int) -> tuple[Phase, Phase, np.ndarray, sitk.Image]:
+    rng = np.random.default_rng(seed)
+    fixed_points = FIXED.index_to_world(rng.uniform(-3, np.asarray(FIXED.size) + 2, (25, 3)))  # some outside
+    fixed = phase(ellipsoid(FIXED, (15, 12, 7), (11, 8, 5)), FIXED, fixed_points)
+    moving = phase(ellipsoid(MOVING, (16, 11, 6), (10, 9, 5)), MOVING, fixed_points + rng.normal(0, 3, (25, 3)))
+    field = smooth_field(FIXED, seed, amplitude_mm=4.0)
+    truth = image_from_array(smooth_field(TRUTH, seed + 10, 5.0), TRUTH, is_vector=True)
+    return fixed, moving, field, truth
+
+
+def test_slabs_of_a_few_planes_give_the_same_scores(monkeypatch):
+    """The CPU path works slab by slab along z (scoring.SLAB_VOXELS); slabs of 1 and 3 planes, their
+    halos at every slab boundary, score as the reference."""
+    fixed, moving, field, truth = random_case(4)
+    for planes in (1, 3):
+        monkeypatch.setattr(scoring, "SLAB_VOXELS", planes * FIXED.size[0] * FIXED.size[1])
+        assert len(scoring.slabs(FIXED.shape[0], FIXED.size[0] * FIXED.size[1], torch.device("cpu"))) > 4
+        assert_scores_match(INTRA, fixed, moving, field, truth)
+
+
+def test_two_threads_split_one_volumes_samples_and_give_the_same_warped_mask():
+    """On the CPU grid_sample runs batch items in parallel, so a pair's samples are split into one
+    item per thread (scoring.sample_border): the warped mask is the same bit for bit."""
+    grid = Grid((48, 40, 24), (1.5, 1.5, 2.5), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    moving = phase(ellipsoid(grid, (24, 20, 12), (18, 15, 10)), grid, np.zeros((0, 3)))
+    points = moving_points(smooth_field(grid, 6, 4.0), grid, grid)[None]
+    masks = torch.as_tensor(moving.mask[None, None], dtype=torch.float64)
+    one = scoring.warp_masks(masks, points)
+    torch.set_num_threads(2)
+    try:
+        assert scoring._thread_parts(masks, points.reshape(1, -1, 1, 1, 3)) == 2
+        assert torch.equal(scoring.warp_masks(masks, points), one)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_the_networks_float32_sampling_grid_scores_as_its_physical_field():
+    """The network hands over its sampling grid in float32; it is scored as the float64 physical
+    field made from it (what the pair's files hold) is by the reference."""
+    fixed, moving, field, truth = random_case(5)
+    grid = moving_points(field, FIXED, MOVING).to(torch.float32)
+    displacement = physical_displacement(grid[None], [FIXED], [MOVING])[0].numpy()
+    assert grid.dtype == torch.float32
+    assert_scores_match(INTRA, fixed, moving, displacement, truth, points=grid)
 
 
 def test_folding_fields_and_masks_at_the_grid_border_match_the_reference():
@@ -198,7 +247,7 @@ def test_jacobian_and_mask_box_against_the_reference_on_the_whole_grid():
     mask = torch.zeros(FIXED.shape, dtype=torch.bool)
     mask[0, 3:5, 20:] = True
     assert scoring.mask_box(mask) == (slice(0, 1), slice(3, 5), slice(20, 30))
-    assert scoring.mask_box(mask, margin=1) == (slice(0, 2), slice(2, 6), slice(19, 30))
+    assert scoring.mask_box(torch.zeros_like(mask)) is None
 
 
 # ------------------------------------------------------------------ real data

@@ -140,30 +140,26 @@ def score_batch(
 ) -> list[Score]:
     """`evaluate_pair` of every pair of a batch, in torch on the device of `points`: each pair's moving
     points (z, y, x, 3), where its fixed voxel centres land in normalised moving coordinates
-    (`network.scoring`; a displacement field gives them by `moving_points`). The warps run as one
-    batch when the grids share a shape."""
-    if len(pairs) > 1 and (len({f.grid.shape for f in fixed}) > 1 or len({m.grid.shape for m in moving}) > 1):
-        items = zip(pairs, fixed, moving, points, truths)
-        return [score for item in items for score in score_batch(*([x] for x in item))]
-    stacked = torch.stack([p.to(torch.float64) for p in points])
-    fixed_masks = torch.as_tensor(np.stack([f.mask for f in fixed]), device=stacked.device)
-    warped = warped_masks(moving, stacked)
-    dices = scoring.dice(warped, fixed_masks)
+    (`network.scoring`; a displacement field gives them by `moving_points`). Pair after pair, each
+    in slabs of its fixed grid on the CPU (`scoring.slabs`), in float64."""
     scores = []
-    for k, pair in enumerate(pairs):
-        grids = fixed[k].grid, moving[k].grid
+    for pair, fixed_phase, moving_phase, pair_points, truth in zip(pairs, fixed, moving, points, truths):
+        grids = fixed_phase.grid, moving_phase.grid
+        fixed_mask = torch.as_tensor(fixed_phase.mask, device=pair_points.device)
+        warped = warped_masks([moving_phase], pair_points[None])[0]
         landmarks = _landmark_table(
-            pair, fixed[k], moving[k], lambda f, m: scoring.landmark_errors(stacked[k], *grids, f, m)
+            pair, fixed_phase, moving_phase, lambda f, m: scoring.landmark_errors(pair_points, *grids, f, m)
         )
-        jacobian = scoring.jacobian_statistics(stacked[k], *grids, fixed_masks[k])
-        epe = None if truths[k] is None else _endpoint_errors(stacked[k], *grids, truths[k], fixed_masks[k])
-        scores.append(Score(_row(pair, dices[k], landmarks, jacobian, epe), landmarks, warped[k]))
+        jacobian = scoring.jacobian_statistics(pair_points, *grids, fixed_mask)
+        epe = None if truth is None else _endpoint_errors(pair_points, *grids, truth, fixed_mask)
+        dice = scoring.dice(warped[None], fixed_mask[None])[0]
+        scores.append(Score(_row(pair, dice, landmarks, jacobian, epe), landmarks, warped))
     return scores
 
 
 def warped_masks(moving: list[Phase], points: torch.Tensor) -> torch.Tensor:
     """The moving phases' masks at moving points (N, z, y, x, 3) on their device: `warp_mask` in torch."""
-    masks = torch.as_tensor(np.stack([m.mask for m in moving])[:, None], dtype=points.dtype, device=points.device)
+    masks = torch.as_tensor(np.stack([m.mask for m in moving])[:, None], dtype=torch.float64, device=points.device)
     return scoring.warp_masks(masks, points)
 
 

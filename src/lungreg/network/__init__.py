@@ -2,6 +2,7 @@
 
 Modules, lowest first: ``device`` (where torch runs, a job's threads), ``transform`` (the spatial
 transformer and the conversion of its grids to physical displacement fields: the voxel conventions
-live there), ``scoring`` (the evaluation's metrics in torch, on the registrar's device), ``model`` (the joint affine + deformable network and how it runs fast), ``losses`` (similarity
-and regularisers; they know nothing of data) and ``train`` (the training job).
+live there), ``scoring`` (the evaluation's metrics in torch, on the registrar's device), ``model``
+(the joint affine + deformable network and how it runs fast), ``losses`` (similarity and
+regularisers; they know nothing of data) and ``train`` (the training job).
 """

@@ -34,8 +34,26 @@ def sample_border(volumes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Trilinear samples (N, C, ...) of `volumes` (N, C, D, H, W) at normalised `points` (N, ..., 3),
     the border voxels repeated outside (scipy's mode "nearest")."""
     grid = points.reshape(points.shape[0], -1, 1, 1, 3).to(volumes.dtype)
-    values = F.grid_sample(volumes, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    parts = _thread_parts(volumes, grid)
+    if parts > 1:  # on the CPU grid_sample runs items in parallel, not points: one item as `parts`
+        values = F.grid_sample(
+            volumes.expand(parts, -1, -1, -1, -1),
+            grid.reshape(parts, -1, 1, 1, 3),
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=True,
+        ).reshape(1, 1, -1, 1, 1)
+    else:
+        values = F.grid_sample(volumes, grid, mode="bilinear", padding_mode="border", align_corners=True)
     return values.reshape(*values.shape[:2], *points.shape[1:-1])
+
+
+def _thread_parts(volumes: torch.Tensor, grid: torch.Tensor) -> int:
+    """How many items one volume's many samples are split into (the CPU's threads), else 1."""
+    threads = torch.get_num_threads()
+    single = volumes.shape[:2] == (1, 1) and volumes.device.type == "cpu"
+    points = grid.shape[1]
+    return threads if single and threads > 1 and points >= 2**15 and points % threads == 0 else 1
 
 
 def _map(points: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
@@ -59,10 +77,23 @@ def moving_points(displacement: torch.Tensor, fixed: list[Grid], moving: list[Gr
     )
 
 
+def slabs(depth: int, plane: int, device: torch.device) -> list[slice]:
+    """z-slabs of a volume of `depth` planes of `plane` voxels: on the CPU of at most SLAB_VOXELS
+    voxels each, so that every temporary stays small (cache-sized, and reused by the allocator rather
+    than mapped and faulted in afresh: measured 1.5-2x faster at 64 x 192 x 192); on a GPU one slab."""
+    step = depth if device.type == "cuda" else max(1, SLAB_VOXELS // max(plane, 1))
+    return [slice(z, min(z + step, depth)) for z in range(0, depth, step)]
+
+
+SLAB_VOXELS = 2**18
+
+
 def warp_masks(masks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Moving masks (N, 1, D, H, W) at moving `points` (N, d, h, w, 3): linear, then > 0.5, and 0
-    beyond half a voxel outside the outer voxel centres (ITK's field of view), (N, d, h, w) bool."""
-    warped = sample_border(masks, points)[:, 0] > 0.5
+    """Moving masks (N, 1, D, H, W) at moving `points` (N, d, h, w, 3) (any float dtype; sampled in
+    the masks' dtype): linear, then > 0.5, and 0 beyond half a voxel outside the outer voxel centres
+    (ITK's field of view), (N, d, h, w) bool. Slab by slab along d."""
+    size = torch.tensor(masks.shape[-3:][::-1], dtype=masks.dtype, device=masks.device)  # x, y, z
+    half_voxel = 1.0 / (size - 1)  # continuous index -0.5 and size - 0.5, normalised
     faces = [
         masks[..., 0, :, :],
         masks[..., -1, :, :],
@@ -71,17 +102,20 @@ def warp_masks(masks: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         masks[..., 0],
         masks[..., -1],
     ]
-    if not any(bool(face.any()) for face in faces):  # border extension repeats only zeros: nothing to cut
-        return warped
-    size = torch.tensor(masks.shape[-3:][::-1], dtype=points.dtype, device=points.device)  # x, y, z
-    half_voxel = 1.0 / (size - 1)  # continuous index -0.5 and size - 0.5, normalised
-    return warped & ((points >= -1 - half_voxel) & (points < 1 + half_voxel)).all(dim=-1)
+    cut = any(bool(face.any()) for face in faces)  # border extension repeats only zeros otherwise: nothing to cut
+    warped = torch.empty(points.shape[:-1], dtype=torch.bool, device=points.device)
+    for slab in slabs(points.shape[1], points[0, 0, ..., 0].numel(), points.device):
+        part = points[:, slab].to(masks.dtype)
+        warped[:, slab] = sample_border(masks, part)[:, 0] > 0.5
+        if cut:
+            warped[:, slab] &= ((part >= -1 - half_voxel) & (part < 1 + half_voxel)).all(dim=-1)
+    return warped
 
 
 def dice(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """Dice of each pair of masks (N, ...) bool (`metrics.dice`: NaN when both are empty)."""
-    shared = (a & b).flatten(1).sum(1).tolist()
-    totals = (a.flatten(1).sum(1) + b.flatten(1).sum(1)).tolist()
+    shared = torch.count_nonzero((a & b).flatten(1), dim=1).tolist()
+    totals = (torch.count_nonzero(a.flatten(1), dim=1) + torch.count_nonzero(b.flatten(1), dim=1)).tolist()
     return [float(2.0 * s / t) if t else float("nan") for s, t in zip(shared, totals)]
 
 
@@ -93,13 +127,24 @@ def landmark_errors(
     extension, against its moving landmark. With u = T - x: u(q) = T(q) - x(q), both sampled the same
     way, and x sampled with border extension is the voxel centre at q clamped to the grid."""
     q = torch.tensor(np.asarray(fixed_landmarks, float).reshape(-1, 3), device=points.device)
-    normalised = _map(q, transform.world_to_normalised(fixed))
-    moved = _map(
-        sample_border(points.movedim(-1, 0)[None], normalised[None])[0].T, transform.normalised_to_world(moving)
-    )
-    clamped = _map(normalised.clamp(-1.0, 1.0), transform.normalised_to_world(fixed))
+    moved = _map(sample_at(points, fixed, q), transform.normalised_to_world(moving))
+    clamped = _map(_map(q, transform.world_to_normalised(fixed)).clamp(-1.0, 1.0), transform.normalised_to_world(fixed))
     residual = (q + (moved - clamped)).cpu().numpy() - np.asarray(moving_landmarks, float).reshape(-1, 3)
     return np.column_stack([np.abs(residual), np.linalg.norm(residual, axis=1)])
+
+
+def sample_at(volume: torch.Tensor | np.ndarray, grid: Grid, world: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples (n, C), float64, border-extended, of `volume` (z, y, x, C; a tensor or numpy
+    array of any float dtype) on `grid` at physical points `world` (n, 3, float64, on their device).
+    Only the box of voxels the samples read is converted and sampled: a subgrid of `grid` (same
+    spacing and direction), which gives the same values."""
+    low, high = read_box(grid, _map(world, np.linalg.inv(transform.index_to_world(grid))))
+    part = volume[low[2] : high[2], low[1] : high[1], low[0] : high[0]]
+    if isinstance(part, np.ndarray):
+        part = torch.from_numpy(np.ascontiguousarray(part, dtype=np.float64))
+    part = part.to(world.device, torch.float64).movedim(-1, 0)[None]
+    box = dataclasses.replace(grid, size=tuple(int(n) for n in high - low), origin=tuple(grid.index_to_world(low)))
+    return sample_border(part, _map(world, transform.world_to_normalised(box))[None])[0].T
 
 
 def jacobian_determinant(points: torch.Tensor, fixed: Grid, moving: Grid) -> torch.Tensor:
@@ -111,30 +156,39 @@ def jacobian_determinant(points: torch.Tensor, fixed: Grid, moving: Grid) -> tor
     ) * float(scale)
 
 
-def mask_box(mask: torch.Tensor, margin: int = 0) -> tuple[slice, slice, slice]:
-    """The (z, y, x) slices of the box of a mask's set voxels, grown by `margin` inside the grid."""
+def mask_box(mask: torch.Tensor) -> tuple[slice, slice, slice] | None:
+    """The (z, y, x) slices of the box of a mask's set voxels; None when it has none."""
+    plane = mask.any(dim=0)  # (y, x): one contiguous pass, then small reductions
     box = []
-    for axis in range(3):
-        occupied = torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != axis))).flatten()
-        low, high = int(occupied[0]), int(occupied[-1]) + 1
-        box.append(slice(max(low - margin, 0), min(high + margin, mask.shape[axis])))
+    for projection in (mask.flatten(1).any(dim=1), plane.any(dim=1), plane.any(dim=0)):
+        occupied = torch.nonzero(projection).flatten()
+        if occupied.numel() == 0:
+            return None
+        box.append(slice(int(occupied[0]), int(occupied[-1]) + 1))
     return tuple(box)
 
 
 def jacobian_statistics(points: torch.Tensor, fixed: Grid, moving: Grid, mask: torch.Tensor) -> dict[str, float]:
     """Minimum, fraction <= 0 and std of log J inside `mask` (`metrics.jacobian_statistics`) of one
-    pair's moving points (z, y, x, 3). The determinant is computed on the mask's box only, grown by
-    the one voxel its central differences read (one-sided where the box meets the grid's border)."""
-    count = int(mask.sum())
-    if count == 0:
+    pair's moving points (z, y, x, 3). The determinant is computed on the mask's box only, slab by
+    slab, each grown by the one voxel its central differences read (one-sided only where the box
+    meets the grid's border)."""
+    core = mask_box(mask)
+    if core is None:
         return {"jacobian_min": np.nan, "jacobian_fraction_nonpositive": np.nan, "log_jacobian_std": np.nan}
-    core, box = mask_box(mask), mask_box(mask, margin=1)
-    inner = tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(core, box))  # core, inside box
-    values = jacobian_determinant(points[box], fixed, moving)[inner][mask[core]]
+    y, x = (slice(max(c.start - 1, 0), min(c.stop + 1, n)) for c, n in zip(core[1:], mask.shape[1:]))
+    inner = tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(core[1:], (y, x)))
+    found = []
+    for slab in slabs(core[0].stop - core[0].start, (y.stop - y.start) * (x.stop - x.start), points.device):
+        z0, z1 = core[0].start + slab.start, core[0].start + slab.stop
+        low, high = max(z0 - 1, 0), min(z1 + 1, mask.shape[0])
+        determinant = jacobian_determinant(points[low:high, y, x].to(torch.float64), fixed, moving)
+        found.append(determinant[z0 - low : z1 - low, inner[0], inner[1]][mask[z0:z1, core[1], core[2]]])
+    values = torch.cat(found)
     positive = values[values > 0]
     return {
         "jacobian_min": float(values.min()),
-        "jacobian_fraction_nonpositive": int((values <= 0).sum()) / count,
+        "jacobian_fraction_nonpositive": int(torch.count_nonzero(values <= 0)) / values.numel(),
         "log_jacobian_std": float(torch.log(positive).std(correction=0)) if positive.numel() else np.nan,
     }
 
@@ -154,21 +208,13 @@ def endpoint_errors(
 ) -> dict[str, float]:
     """End-point error (mm) against a true field (z, y, x, 3; numpy) on its own grid, inside `mask` of
     the fixed grid (`metrics.endpoint_errors`), of one pair's moving points (z, y, x, 3): u = T(x) - x
-    at the fixed voxel centres inside the mask, the truth sampled there. Only the box of the truth
-    that those samples read goes to the device, as float64."""
+    at the fixed voxel centres inside the mask, the truth sampled there."""
     if not bool(mask.any()):
         return {"epe_mean": np.nan, "epe_p95": np.nan}
-    index = torch.nonzero(mask).flip(-1).to(points.dtype)  # fixed voxels inside the mask, (n, 3): x, y, z
+    index = torch.nonzero(mask).flip(-1).to(torch.float64)  # fixed voxels inside the mask, (n, 3): x, y, z
     centres = _map(index, transform.index_to_world(fixed))
-    displacement = _map(points[mask], transform.normalised_to_world(moving)) - centres
-    low, high = read_box(truth_grid, _map(centres, np.linalg.inv(transform.index_to_world(truth_grid))))
-    part = np.asarray(truth[low[2] : high[2], low[1] : high[1], low[0] : high[0]], dtype=np.float64)
-    subgrid = dataclasses.replace(
-        truth_grid, size=tuple(int(n) for n in high - low), origin=tuple(truth_grid.index_to_world(low))
-    )
-    field = torch.from_numpy(np.ascontiguousarray(part)).to(points.device).movedim(-1, 0)[None]
-    true = sample_border(field, _map(centres, transform.world_to_normalised(subgrid))[None])[0].T
-    error = torch.linalg.vector_norm(displacement - true, dim=1)
+    displacement = _map(points[mask].to(torch.float64), transform.normalised_to_world(moving)) - centres
+    error = torch.linalg.vector_norm(displacement - sample_at(truth, truth_grid, centres), dim=1)
     return {"epe_mean": float(error.mean()), "epe_p95": percentile(error, 95)}
 
 

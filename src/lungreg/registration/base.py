@@ -77,10 +77,10 @@ class RegistrationResult:
         return self._displacement
 
     def moving_points(self, fixed: Grid, moving: Grid) -> torch.Tensor:
-        """Where the fixed voxel centres land in normalised moving coordinates (z, y, x, 3), float64,
-        on the registrar's device (what `evaluate.score_batch` scores)."""
+        """Where the fixed voxel centres land in normalised moving coordinates (z, y, x, 3), on the
+        registrar's device, as it computed them (what `evaluate.score_batch` scores, in float64)."""
         if self.sampling is not None:
-            return self.sampling.points.to(torch.float64)
+            return self.sampling.points
         return moving_points(self.displacement, fixed, moving)
 
 
