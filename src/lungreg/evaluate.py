@@ -159,8 +159,8 @@ def score_batch(
 
 def warped_masks(moving: list[Phase], points: torch.Tensor) -> torch.Tensor:
     """The moving phases' masks at moving points (N, z, y, x, 3) on their device: `warp_mask` in torch."""
-    masks = torch.as_tensor(np.stack([m.mask for m in moving])[:, None], dtype=torch.float64, device=points.device)
-    return scoring.warp_masks(masks, points)
+    masks = torch.from_numpy(np.stack([m.mask for m in moving])[:, None]).to(points.device)  # bool: 1/8 the copy
+    return scoring.warp_masks(masks.to(torch.float64), points)
 
 
 def moving_points(displacement: np.ndarray, fixed: Grid, moving: Grid) -> torch.Tensor:
