@@ -115,23 +115,25 @@ def test_a_failed_write_fails_the_chunk_naming_the_pair_and_leaves_no_tables(lay
 
 
 def test_the_background_writer_runs_jobs_in_order_beside_the_caller_and_bounds_the_queue():
-    done, running = [], threading.Event()
+    done, running, release = [], threading.Event(), threading.Event()
 
     def job(k):
         running.set()
-        time.sleep(0.05)
+        assert release.wait(10)
+        time.sleep(0.01)
         done.append(k)
 
     with io.BackgroundWriter(pending=2) as writer:
-        started = time.perf_counter()
         writer.submit("first", job, 0)
-        assert running.wait(1.0) and time.perf_counter() - started < 0.05  # submit did not wait for it
-        for k in range(1, 5):
+        assert running.wait(10) and done == []  # the job runs, blocked, and submit has returned
+        writer.submit("second", job, 1)
+        release.set()
+        for k in range(2, 6):
             writer.submit(f"job {k}", job, k)
-            assert len(writer._jobs) <= 2
+            assert len(writer._jobs) <= 2  # waits for the oldest beyond `pending`
         writer.close()
-    assert done == [0, 1, 2, 3, 4]
-    assert writer.busy_seconds >= 5 * 0.05 and writer.wait_seconds > 0
+    assert done == [0, 1, 2, 3, 4, 5]
+    assert writer.busy_seconds >= 6 * 0.01 and writer.wait_seconds > 0
 
 
 def test_the_background_writer_raises_a_jobs_error_at_the_next_submit_or_at_close():

@@ -7,9 +7,10 @@ same way for every method, the pairs' files on a background thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -62,6 +63,18 @@ class ChunkSeconds:
     write: float = 0.0  # the pairs' fields for the writer, waiting for it (full queue, the end), tables
     writer: float = 0.0  # the writer thread's own time, beside the others
 
+    @contextlib.contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
+
+    def per_pair(self, pairs: int) -> str:
+        stages = ", ".join(f"{k} {v / max(pairs, 1):.3f}" for k, v in asdict(self).items() if k != "writer")
+        return f"seconds per pair: {stages} (writer thread {self.writer / max(pairs, 1):.3f})"
+
 
 def write_pair_files(folder: Path, item: LoadedPair, result: RegistrationResult, warped_mask: np.ndarray) -> None:
     """The field (float32 vector NIfTI, mm, ITK convention), warped image and mask (z, y, x), affine."""
@@ -95,84 +108,76 @@ def run_chunk(
     """
     outputs.folder.mkdir(parents=True, exist_ok=True)
     seconds = seconds if seconds is not None else ChunkSeconds()
+    rows, landmark_tables = [], []
+    with io.BackgroundWriter() as writer:
+        batches = _batches(pairs, registrar.batch_size, layout, seconds)
+        for batch, results in _timed_stream(register_stream(registrar, batches), seconds):
+            with seconds.timing("load"):
+                truths = [truth_for(item.pair) for item in batch]
+            with seconds.timing("score"):
+                points = [
+                    result.moving_points(item.fixed.grid, item.moving.grid) for item, result in zip(batch, results)
+                ]
+                pairs_fixed_moving = [[i.pair for i in batch], [i.fixed for i in batch], [i.moving for i in batch]]
+                scores = score_batch(*pairs_fixed_moving, points, truths)
+                for result, score in zip(results, scores):
+                    rows.append(_table_row(registrar, protocol, score.row, result))
+                    landmark_tables.append(score.landmarks.assign(method=registrar.name, protocol=protocol))
+            with seconds.timing("write"):
+                for item, result, score in zip(batch, results, scores):
+                    if save_fields == "all" or (save_fields == "intra_patient" and item.pair.intra_patient):
+                        result.displacement  # made here, where torch has the job's threads, not on the writer's
+                        files = (outputs.folder / item.pair.name, item, result, score.warped_mask.cpu().numpy())
+                        writer.submit(item.pair.name, write_pair_files, *files)
+            log.info("%s %s: %d/%d pairs registered", registrar.name, protocol, len(rows), len(pairs))
+        with seconds.timing("write"):
+            writer.close()
+        seconds.writer = writer.busy_seconds
+    with seconds.timing("write"):
+        metrics = pd.DataFrame(rows)
+        scored = [t for t in landmark_tables if len(t)]
+        columns = [*LANDMARK_COLUMNS, "method", "protocol"]
+        io.write_table(
+            pd.concat(scored, ignore_index=True) if scored else pd.DataFrame(columns=columns), outputs.landmarks
+        )
+        io.write_table(metrics, outputs.metrics)
+    log.info("%s %s: %d pairs, %s", registrar.name, protocol, len(pairs), seconds.per_pair(len(pairs)))
+    return metrics
+
+
+def _batches(
+    pairs: list[Pair], size: int, layout: PreprocessedLayout, seconds: ChunkSeconds
+) -> Iterator[list[LoadedPair]]:
+    """The chunk's pairs in batches, their phases read lazily (the registrar may pull one batch ahead)
+    and kept while the chunk needs them."""
     cache: dict[tuple[str, str], Phase] = {}
 
     def phase(subject: str, name: str) -> Phase:
         if (subject, name) not in cache:
-            started = time.perf_counter()
-            cache[(subject, name)] = load_phase(layout, subject, name)
-            seconds.load += time.perf_counter() - started
+            with seconds.timing("load"):
+                cache[(subject, name)] = load_phase(layout, subject, name)
         return cache[(subject, name)]
 
-    def batches() -> Iterator[list[LoadedPair]]:  # read lazily: the registrar may pull one batch ahead
-        for start in range(0, len(pairs), registrar.batch_size):
-            if len(cache) > 64:  # inter-patient chunks visit many subjects: bound the memory
-                cache.clear()
-            yield [
-                LoadedPair(p, phase(p.fixed_subject, p.fixed_phase), phase(p.moving_subject, p.moving_phase))
-                for p in pairs[start : start + registrar.batch_size]
-            ]
+    for start in range(0, len(pairs), size):
+        if len(cache) > 64:  # inter-patient chunks visit many subjects: bound the memory
+            cache.clear()
+        yield [
+            LoadedPair(p, phase(p.fixed_subject, p.fixed_phase), phase(p.moving_subject, p.moving_phase))
+            for p in pairs[start : start + size]
+        ]
 
-    rows, landmark_tables = [], []
-    with io.BackgroundWriter() as writer:
-        for batch, results in _timed_stream(register_stream(registrar, batches()), seconds):
-            started = time.perf_counter()
-            truths = [truth_for(item.pair) for item in batch]
-            seconds.load += time.perf_counter() - started
-            started = time.perf_counter()
-            scores = score_batch(
-                [item.pair for item in batch],
-                [item.fixed for item in batch],
-                [item.moving for item in batch],
-                [result.moving_points(item.fixed.grid, item.moving.grid) for item, result in zip(batch, results)],
-                truths,
-            )
-            for item, result, score in zip(batch, results, scores):
-                rows.append(
-                    {
-                        "method": registrar.name,
-                        "protocol": protocol,
-                        **score.row,
-                        **result.notes,
-                        "seconds": result.seconds,
-                        "device": registrar.device,
-                        "threads": registrar.threads,
-                    }
-                )
-                landmark_tables.append(score.landmarks.assign(method=registrar.name, protocol=protocol))
-            seconds.score += time.perf_counter() - started
-            started = time.perf_counter()
-            for item, result, score in zip(batch, results, scores):
-                if save_fields == "all" or (save_fields == "intra_patient" and item.pair.intra_patient):
-                    result.displacement  # made here, where torch has the job's threads, not on the writer's
-                    files = (outputs.folder / item.pair.name, item, result, score.warped_mask.cpu().numpy())
-                    writer.submit(item.pair.name, write_pair_files, *files)
-            seconds.write += time.perf_counter() - started
-            log.info("%s %s: %d/%d pairs registered", registrar.name, protocol, len(rows), len(pairs))
-        started = time.perf_counter()
-        writer.close()
-        seconds.write += time.perf_counter() - started
-        seconds.writer = writer.busy_seconds
-    started = time.perf_counter()
-    metrics = pd.DataFrame(rows)
-    scored = [t for t in landmark_tables if len(t)]
-    io.write_table(
-        pd.concat(scored, ignore_index=True)
-        if scored
-        else pd.DataFrame(columns=[*LANDMARK_COLUMNS, "method", "protocol"]),
-        outputs.landmarks,
-    )
-    io.write_table(metrics, outputs.metrics)
-    seconds.write += time.perf_counter() - started
-    log.info(
-        "%s %s: %d pairs, seconds per pair: load %.3f, register %.3f, score %.3f, write %.3f (writer thread %.3f)",
-        registrar.name,
-        protocol,
-        len(pairs),
-        *(value / max(len(pairs), 1) for value in (seconds.load, seconds.register, seconds.score, seconds.write)),
-        seconds.writer / max(len(pairs), 1),
-    )
-    return metrics
+
+def _table_row(registrar: Registrar, protocol: str, row: dict, result: RegistrationResult) -> dict:
+    """A pair's row of the per-pair table: method and protocol, its scores, its notes, its timing."""
+    return {
+        "method": registrar.name,
+        "protocol": protocol,
+        **row,
+        **result.notes,
+        "seconds": result.seconds,
+        "device": registrar.device,
+        "threads": registrar.threads,
+    }
 
 
 def _timed_stream(
