@@ -79,8 +79,9 @@ def moving_points(displacement: torch.Tensor, fixed: list[Grid], moving: list[Gr
 
 def slabs(depth: int, plane: int, device: torch.device) -> list[slice]:
     """z-slabs of a volume of `depth` planes of `plane` voxels: on the CPU of at most SLAB_VOXELS
-    voxels each, so that every temporary stays small (cache-sized, and reused by the allocator rather
-    than mapped and faulted in afresh: measured 1.5-2x faster at 64 x 192 x 192); on a GPU one slab."""
+    voxels each, so that every temporary stays small (cache-sized, and reused by the allocator: whole
+    64 x 192 x 192 temporaries are mapped and faulted in afresh each time, which dominated the
+    whole-volume version's time here); on a GPU one slab."""
     step = depth if device.type == "cuda" else max(1, SLAB_VOXELS // max(plane, 1))
     return [slice(z, min(z + step, depth)) for z in range(0, depth, step)]
 
