@@ -69,6 +69,7 @@ def warp_image(moving: Phase, fixed_grid: Grid, displacement: np.ndarray) -> sit
 
 
 LANDMARK_COLUMNS = ["pair", "landmark", "in_view", "dx", "dy", "dz", "ds"]
+NO_LANDMARKS = pd.DataFrame(columns=LANDMARK_COLUMNS)  # an inter-patient pair's (made once: pandas is slow to)
 
 
 def landmark_rows(pair: Pair, fixed: Phase, moving: Phase, displacement: np.ndarray) -> pd.DataFrame:
@@ -81,7 +82,7 @@ def _landmark_table(
 ) -> pd.DataFrame:
     """The landmark rows, with `errors_of(fixed points, moving points)` giving the in-view errors (n, 4)."""
     if not pair.intra_patient or fixed.landmarks.empty:
-        return pd.DataFrame(columns=LANDMARK_COLUMNS)
+        return NO_LANDMARKS
     in_view = fixed.landmarks["in_view"].astype(bool).to_numpy() & moving.landmarks["in_view"].astype(bool).to_numpy()
     errors = np.full((len(in_view), 4), np.nan)
     if in_view.any():

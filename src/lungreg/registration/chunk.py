@@ -122,7 +122,8 @@ def run_chunk(
                 scores = score_batch(*pairs_fixed_moving, points, truths)
                 for result, score in zip(results, scores):
                     rows.append(_table_row(registrar, protocol, score.row, result))
-                    landmark_tables.append(score.landmarks.assign(method=registrar.name, protocol=protocol))
+                    if len(score.landmarks):
+                        landmark_tables.append(score.landmarks.assign(method=registrar.name, protocol=protocol))
             with seconds.timing("write"):
                 for item, result, score in zip(batch, results, scores):
                     if save_fields == "all" or (save_fields == "intra_patient" and item.pair.intra_patient):
@@ -135,10 +136,10 @@ def run_chunk(
         seconds.writer = writer.busy_seconds
     with seconds.timing("write"):
         metrics = pd.DataFrame(rows)
-        scored = [t for t in landmark_tables if len(t)]
         columns = [*LANDMARK_COLUMNS, "method", "protocol"]
         io.write_table(
-            pd.concat(scored, ignore_index=True) if scored else pd.DataFrame(columns=columns), outputs.landmarks
+            pd.concat(landmark_tables, ignore_index=True) if landmark_tables else pd.DataFrame(columns=columns),
+            outputs.landmarks,
         )
         io.write_table(metrics, outputs.metrics)
     log.info("%s %s: %d pairs, %s", registrar.name, protocol, len(pairs), seconds.per_pair(len(pairs)))
