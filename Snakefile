@@ -1,6 +1,6 @@
 # lungreg: linear and deformable lung registration with a 3D CNN (Christodoulidis et al. 2018)
 # at cohort scale, against classical baselines, with an ILD classifier of the residual motion.
-#   snakemake --cores 8 --resources gpu=1                              embedded synthetic cohort
+#   snakemake --cores all --resources gpu=1                              embedded synthetic cohort
 #   snakemake ... --configfile config/paper.yaml --config subjects=my_cohort.tsv
 from snakemake.utils import min_version, validate
 

@@ -1,11 +1,15 @@
 """Compare the tables of two runs of the workflow, byte for byte, the timing columns aside.
 
     python bench/compare_tables.py RUN_A RUN_B        # e.g. /work/runs/before /work/runs/after
+    python bench/compare_tables.py RUN_A RUN_B --rtol 1e-5 --atol 1e-12   # numbers within a tolerance
 
 RUN_A and RUN_B are working folders of finished runs (each with results/tables/*.tsv). A table is
 identical when its lines are, once the columns that vary from run to run are dropped
-(lungreg.evaluate.TIMING_COLUMNS: seconds, seconds_per_pair, device, threads). One line per table;
-the exit status is 0 when every table of either run is identical in the other.
+(lungreg.evaluate.TIMING_COLUMNS: seconds, seconds_per_pair, device, threads). With --rtol / --atol
+a table that is not identical may still be "within tolerance": the same rows and columns, every
+text cell equal, every number within atol + rtol * |a| (numpy.isclose); the line says its largest
+difference. One line per table; the exit status is 0 when every table of either run is identical
+(or within the tolerance) in the other.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 from lungreg.evaluate import TIMING_COLUMNS
 
@@ -41,8 +48,33 @@ def difference(a: list[str], b: list[str]) -> str | None:
     return f"line {line + 1} differs in column(s) {', '.join(columns) or '?'}"
 
 
-def compare(run_a: Path, run_b: Path) -> dict[str, str]:
-    """{table file name: identical | differs: ... | missing in ...} for every table of either run."""
+def within_tolerance(a: Path, b: Path, rtol: float, atol: float) -> str | None:
+    """None when the tables differ beyond the tolerance (or in shape or text), else their largest
+    numeric difference in words."""
+    x, y = (
+        pd.read_csv(p, sep="\t", keep_default_na=True).drop(columns=list(TIMING_COLUMNS), errors="ignore")
+        for p in (a, b)
+    )
+    if list(x.columns) != list(y.columns) or len(x) != len(y):
+        return None
+    largest, where = 0.0, ""
+    for column in x.columns:
+        left, right = x[column], y[column]
+        if left.dtype.kind in "fiu" and right.dtype.kind in "fiu":
+            left, right = left.to_numpy(float), right.to_numpy(float)
+            if not np.isclose(left, right, rtol=rtol, atol=atol, equal_nan=True).all():
+                return None
+            difference = np.nan_to_num(np.abs(left - right), nan=0.0)
+            if difference.max(initial=0.0) > largest:
+                largest, where = float(difference.max()), column
+        elif not (left.isna() & right.isna() | (left.astype(str) == right.astype(str))).all():
+            return None
+    return f"within tolerance (largest difference {largest:.3g} in {where})" if where else "within tolerance"
+
+
+def compare(run_a: Path, run_b: Path, rtol: float | None = None, atol: float = 0.0) -> dict[str, str]:
+    """{table file name: identical | within tolerance ... | differs: ... | missing in ...} for every
+    table of either run (the tolerance only with `rtol`)."""
     names = sorted({p.name for run in (run_a, run_b) for p in (run / TABLES).glob("*.tsv")})
     results = {}
     for name in names:
@@ -51,7 +83,8 @@ def compare(run_a: Path, run_b: Path) -> dict[str, str]:
             results[name] = f"missing in {run_b if a.is_file() else run_a}"
             continue
         found = difference(without_timing(a), without_timing(b))
-        results[name] = "identical" if found is None else f"differs: {found}"
+        close = within_tolerance(a, b, rtol, atol) if found is not None and rtol is not None else None
+        results[name] = "identical" if found is None else close or f"differs: {found}"
     return results
 
 
@@ -59,16 +92,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_a", type=Path)
     parser.add_argument("run_b", type=Path)
+    parser.add_argument("--rtol", type=float, default=None, help="numbers may differ by atol + rtol * |a|")
+    parser.add_argument("--atol", type=float, default=0.0)
     args = parser.parse_args()
-    results = compare(args.run_a, args.run_b)
+    results = compare(args.run_a, args.run_b, args.rtol, args.atol)
     if not results:
         print(f"no tables under {args.run_a / TABLES} or {args.run_b / TABLES}")
         return 1
     for name, result in results.items():
         print(f"{name}\t{result}")
     dropped = ", ".join(TIMING_COLUMNS)
-    print(f"{sum(r == 'identical' for r in results.values())} of {len(results)} tables identical ({dropped} dropped)")
-    return 0 if all(r == "identical" for r in results.values()) else 1
+    close = sum(r.startswith("within tolerance") for r in results.values())
+    tolerance = f", {close} within rtol {args.rtol} / atol {args.atol}" if args.rtol is not None else ""
+    identical = sum(r == "identical" for r in results.values())
+    print(f"{identical} of {len(results)} tables identical{tolerance} ({dropped} dropped)")
+    return 0 if all(r == "identical" or r.startswith("within tolerance") for r in results.values()) else 1
 
 
 if __name__ == "__main__":

@@ -21,24 +21,41 @@ Network rows use random last-layer weights (a few voxels of deformation) of each
 not depend on the weights. Baselines use the workflow's options (config.yaml and the schema's
 defaults). save_fields none must write no per-pair file at all: files_written counts what the
 chunk left in its folder.
+
+Where a chunk's time goes, per pair (columns load_s, register_s, score_s, write_s, writer_thread_s
+per pair): reading the phases, the registrar, scoring, and writing (the pairs' files for the
+background writer, waiting for it, the tables); writer_thread_s is the writer thread's own time,
+beside the rest. The library's `ChunkSeconds` gives them; a library from before it (--library-ref)
+is timed from outside, its `load_phase`, `evaluate_pair` and `write_pair_files` wrapped in timers
+and the rest counted as registering. --identity adds the `unregistered` row (loading, scoring and
+writing alone). --budget-s stops a row after the sub-chunk (--chunk-pairs pairs) that crosses it.
+
+    python bench/throughput.py --subjects 41 --variants w0.25_fast --baselines "" --identity \
+        --no-save-all --save intra_patient --threads 2 --out cohort_default_after       # the default grid
+    python bench/throughput.py ... --library-ref 3575d5f --out cohort_default_before    # the same, before
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import io
 import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import files_under, load_average, machine, workflow_config, write_results  # noqa: E402
+from _common import REPO, files_under, load_average, machine, workflow_config, write_results  # noqa: E402
 
 WORKFLOW_KEYS = ("enabled", "protocols", "chunks", "subjects")  # a baseline's keys that are not its options
 NETWORK_VARIANTS = {
@@ -67,6 +84,17 @@ def _prepare_subject(workdir: Path, settings, preprocess, subject: str) -> None:
         preprocess_subject(subject, inputs, preprocess, layout.root / subject)
 
 
+def resolved_preprocess(config: dict) -> dict:
+    """The preprocess section with grid_shape auto resolved as the workflow plans it (the synthetic field of view)."""
+    from lungreg.synthetic.settings import SyntheticCohortSettings
+
+    section = dict(config["preprocess"])
+    if section["grid_shape"] == "auto":
+        settings = SyntheticCohortSettings.from_config(config["synthetic"])
+        section["grid_shape"] = list(settings.covering_shape(section["factor"]))
+    return section
+
+
 def prepare_cohort(workdir: Path, n_subjects: int, config: dict, jobs: int = 1, protocol: str = "cohort"):
     """Synthesise and preprocess the cohort (skipped when already there); returns (layout, pairs)."""
     import pandas as pd
@@ -78,10 +106,7 @@ def prepare_cohort(workdir: Path, n_subjects: int, config: dict, jobs: int = 1, 
     settings = SyntheticCohortSettings.from_config(
         {**config["synthetic"], "n_subjects": n_subjects, "n_ild": n_subjects // 2}
     )
-    section = dict(config["preprocess"])
-    if section["grid_shape"] == "auto":  # as the workflow plans it: the synthetic field of view
-        section["grid_shape"] = list(settings.covering_shape(section["factor"]))
-    preprocess = PreprocessSettings.from_config(section, "exhale")
+    preprocess = PreprocessSettings.from_config(resolved_preprocess(config), "exhale")
     subjects = settings.subject_ids()
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
@@ -146,6 +171,65 @@ def stream_all(registrar, pairs, layout, max_seconds: float) -> dict:
     return {"pairs_done": done, "wall_s": time.perf_counter() - began, "read_s": read_s, "compute_s": gpu_s}
 
 
+STAGES = ("load", "register", "score", "write", "writer")
+
+
+def timed_chunks(run_chunk, pairs: list, chunk_pairs: int, budget_s: float | None) -> tuple[list, dict, float]:
+    """run_chunk(pairs, seconds) over sub-chunks of `chunk_pairs` until `budget_s` (None: all pairs);
+    returns (metrics tables, seconds by stage, wall seconds). A library whose run_chunk takes no
+    `seconds` (before ChunkSeconds) is timed from outside: see the module's notes."""
+    from lungreg.registration import chunk
+
+    tables, totals, began = [], dict.fromkeys(STAGES, 0.0), time.perf_counter()
+    own = "seconds" in inspect.signature(chunk.run_chunk).parameters
+    wrapped = {"load_phase": "load", "evaluate_pair": "score", "write_pair_files": "write"}
+    originals = {name: getattr(chunk, name) for name in wrapped if not own}
+
+    def timer(stage, function):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                totals[stage] += time.perf_counter() - started
+
+        return call
+
+    for name, function in originals.items():
+        setattr(chunk, name, timer(wrapped[name], function))
+    try:
+        for start in range(0, len(pairs), chunk_pairs):
+            started = time.perf_counter()
+            if own:
+                seconds = chunk.ChunkSeconds()
+                tables.append(run_chunk(pairs[start : start + chunk_pairs], seconds=seconds))
+                for stage, value in asdict(seconds).items():
+                    totals[stage] += value
+            else:
+                outside = sum(totals.values())
+                tables.append(run_chunk(pairs[start : start + chunk_pairs]))
+                totals["register"] += time.perf_counter() - started - (sum(totals.values()) - outside)
+            if budget_s is not None and time.perf_counter() - began > budget_s:
+                break
+    finally:
+        for name, function in originals.items():
+            setattr(chunk, name, function)
+    return tables, totals, time.perf_counter() - began
+
+
+def with_library(ref: str, arguments: list[str]) -> int:
+    """This bench again, in a fresh interpreter whose `lungreg` is the one of git revision `ref`."""
+    scratch = Path(tempfile.mkdtemp(prefix="lungreg-bench-library-"))
+    try:
+        archive = subprocess.run(["git", "archive", ref, "src"], cwd=REPO, capture_output=True, check=True).stdout
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(scratch, filter="data")
+        path = os.pathsep.join(filter(None, [str(scratch / "src"), os.environ.get("PYTHONPATH")]))
+        command = [sys.executable, __file__, *arguments, "--library-label", ref]
+        return subprocess.run(command, env={**os.environ, "PYTHONPATH": path}).returncode
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _wait(flight) -> int:
     if flight.events is not None:
         flight.events[2].synchronize()
@@ -179,13 +263,27 @@ def main() -> None:
     parser.add_argument("--no-save-all", action="store_true", help="leave out the save_fields all row")
     parser.add_argument("--prepare-only", action="store_true", help="prepare the cohort in --workdir, then stop")
     parser.add_argument("--quick", action="store_true", help="3 subjects, the default variant only")
+    parser.add_argument("--identity", action="store_true", help="also the unregistered row (load, score, write)")
+    parser.add_argument(
+        "--save", default="none", choices=["none", "intra_patient", "all"], help="the rows' save_fields"
+    )
+    parser.add_argument("--chunk-pairs", type=int, default=None, help="pairs per run_chunk call (default: all)")
+    parser.add_argument("--budget-s", type=float, default=None, help="a row stops after the sub-chunk crossing this")
+    parser.add_argument("--library-ref", default=None, help="run with the lungreg of this git revision")
+    parser.add_argument("--library-label", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.library_ref:
+        arguments = sys.argv[1:]
+        at = arguments.index("--library-ref")
+        sys.exit(with_library(args.library_ref, arguments[:at] + arguments[at + 2 :]))
     if args.quick:
         args.subjects, args.variants = 3, ["w0.25"]
     args.out = args.out or ("quick_throughput" if args.quick else "throughput")
     threads = args.threads or os.cpu_count()
 
+    import pandas as pd
+    import SimpleITK as sitk
     import torch
 
     from lungreg.network.model import Acceleration
@@ -194,6 +292,7 @@ def main() -> None:
     from lungreg.registration.network import NetworkRegistrar
 
     torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)  # reading, writing (and the old scoring's warps)
     config = workflow_config(*args.configfile)
     if args.synthesize_at_grid:
         config["synthetic"]["shape"] = list(config["preprocess"]["grid_shape"])
@@ -204,8 +303,9 @@ def main() -> None:
         **machine(),
         "threads": threads,
         "subjects": args.subjects,
-        "grid": "x".join(map(str, config["preprocess"]["grid_shape"])),
+        "grid": "x".join(map(str, resolved_preprocess(config)["grid_shape"])),
         "inference": {k: inference[k] for k in ("bf16", "channels_last", "cudnn_benchmark", "compile", "prefetch")},
+        "library": args.library_label or "working tree",
         "command": " ".join(sys.argv),
     }
     print(json.dumps(meta), flush=True)
@@ -219,14 +319,15 @@ def main() -> None:
     if args.prepare_only:
         return
     scratch = Path(tempfile.mkdtemp(prefix="lungreg-bench-"))
-    runs = [("network", v, "none", False) for v in args.variants]
+    runs = [("identity", "unregistered", "none", False)] if args.identity else []  # the workflow writes none
+    runs += [("network", v, args.save, False) for v in args.variants]
     if args.variants and not args.no_save_all:
         runs.append(("network", args.variants[0], "all", False))
     if args.variants and args.refined:
         runs.append(("network", args.variants[0], "none", True))
     if args.variants and args.stream_all:
         runs.append(("stream", args.variants[0], "none", False))
-    runs += [("baseline", b, "none", False) for b in args.baselines]
+    runs += [("baseline", b, args.save, False) for b in args.baselines]
     rows = []
 
     def network(variant: str, refined: bool) -> NetworkRegistrar:
@@ -248,13 +349,16 @@ def main() -> None:
             chosen = pairs[:limit] if limit else pairs
             if kind in ("network", "stream"):
                 registrar = network(name, refined)
+            elif kind == "identity":
+                registrar = build_registrar(name, threads)
             else:
                 options = {k: v for k, v in config["baselines"][name].items() if k not in WORKFLOW_KEYS}
                 registrar = build_registrar(name, threads, baseline_options=options)
             row = {
                 "method": registrar.name if kind != "baseline" else name,
                 "kind": kind,
-                "variant": name if kind != "baseline" else "-",
+                "variant": name if kind in ("network", "stream") else "-",
+                "library": meta["library"],
                 "grid": grid,
                 "device": registrar.device,
                 "save_fields": save,
@@ -282,21 +386,27 @@ def main() -> None:
                 outputs = ChunkOutputs(
                     folder, scratch / f"{folder.name}_metrics.tsv", scratch / f"{folder.name}_landmarks.tsv"
                 )
-                began = time.perf_counter()
-                metrics = run_chunk(registrar, chosen, layout, args.protocol, outputs, save_fields=save)
-                wall = time.perf_counter() - began
+
+                def one_chunk(part, **seconds):
+                    return run_chunk(registrar, part, layout, args.protocol, outputs, save_fields=save, **seconds)
+
+                tables, stages, wall = timed_chunks(one_chunk, chosen, args.chunk_pairs or len(chosen), args.budget_s)
+                metrics = pd.concat(tables, ignore_index=True)
                 written = files_under(folder)
                 if save == "none" and written:
                     raise AssertionError(f"save_fields none wrote {written} files under {folder}")
+                measured = len(metrics)
                 row.update(
                     {
-                        "measured_pairs": len(chosen),
+                        "measured_pairs": measured,
                         "wall_s": wall,
-                        "pairs_per_s": len(chosen) / wall,
+                        "pairs_per_s": measured / wall,
                         "compute_s_per_pair": float(metrics["seconds"].mean()),
                         "compute_s_per_pair_median": float(statistics.median(metrics["seconds"])),
-                        "wall_s_per_pair": wall / len(chosen),
-                        "all_pairs_s": wall / len(chosen) * len(pairs),
+                        "wall_s_per_pair": wall / measured,
+                        "all_pairs_s": wall / measured * len(pairs),
+                        **{f"{stage}_s_per_pair": value / measured for stage, value in stages.items()},
+                        "score_io_s_per_pair": sum(stages[s] for s in ("load", "score", "write")) / measured,
                         # random network weights: only the baselines' Dice means anything (a sanity check)
                         "dice_mean": float(metrics["dice"].mean()) if kind == "baseline" else None,
                         "refine_steps_mean": float(metrics["refine_steps"].mean()) if refined else None,
@@ -311,7 +421,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
         syn = next((r for r in rows if r["method"] == "syn"), None)
         for row in rows:
-            row["syn_over_compute"] = syn["compute_s_per_pair"] / row["compute_s_per_pair"] if syn else None
+            timed = syn and row["compute_s_per_pair"] > 0  # the identity computes nothing
+            row["syn_over_compute"] = syn["compute_s_per_pair"] / row["compute_s_per_pair"] if timed else None
             row["syn_over_wall"] = syn["wall_s_per_pair"] / row["wall_s_per_pair"] if syn else None
         meta.update({"load_1m_end": load_average(), "wall_s": round(time.perf_counter() - started)})
         print(f"wrote {write_results(rows, args.out, meta)}", flush=True)

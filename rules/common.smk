@@ -13,13 +13,15 @@ from snakemake.utils import validate
 from lungreg import manifest, study
 from lungreg.io import InputError
 from lungreg.synthetic.settings import SyntheticCohortSettings, subject_table
-from lungreg.workflow import run_problems
+from lungreg.workflow import job_environment, run_problems
 
 RUN_STARTED = time.time()  # the end-of-run summary lists the problems logged since
 
 # Jobs import the library from this checkout, also inside --sdm conda environments. (Set with
 # update(): `snakemake --lint` takes an item assignment for a variable the user must define.)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [f"{workflow.basedir}/src", os.environ.get("PYTHONPATH")])))
+# Every job's OpenMP settings, inherited from here (OpenMP reads them before a job's code runs).
+job_environment(config["threads"]["openmp"])
 
 # ------------------------------------------------------------------------- paths
 # Every results/ path of the workflow, once; the rules and input functions use these names.

@@ -3,7 +3,8 @@
 import pandas as pd
 
 from lungreg.io import write_table
-from lungreg.workflow import log_to
+from lungreg.workflow import limit_threads, log_to
 
 with log_to(snakemake.log[0]):
+    limit_threads(snakemake.threads)
     write_table(pd.DataFrame(snakemake.params.rows), snakemake.output[0])

@@ -1,9 +1,10 @@
 """A figure of one registered pair for the report: its overlay or its Jacobian determinant map."""
 
 from lungreg.plots import pair_figure
-from lungreg.workflow import log_to
+from lungreg.workflow import limit_threads, log_to
 
 with log_to(snakemake.log[0]):
+    limit_threads(snakemake.threads)
     pair_figure(
         snakemake.params.figure,
         snakemake.params.pair_folder,

@@ -1,9 +1,10 @@
 """Gather every method's per-pair rows into the summary tables."""
 
 from lungreg.tables import build_tables
-from lungreg.workflow import log_to
+from lungreg.workflow import limit_threads, log_to
 
 with log_to(snakemake.log[0]):
+    limit_threads(snakemake.threads)
     build_tables(
         snakemake.input.cohort,
         snakemake.input.metrics,

@@ -28,7 +28,7 @@ LAYERS = [
 # Inside a subpackage, lowest first: a module imports only modules listed before it.
 PACKAGE_ORDER = {
     "lungreg.synthetic": ["settings", "anatomy", "render", "calibration"],
-    "lungreg.network": ["device", "transform", "model", "losses", "refine", "train"],
+    "lungreg.network": ["device", "transform", "scoring", "model", "losses", "refine", "train"],
     "lungreg.registration": ["base", "network", "baselines", "chunk", "budget", "pair"],
     "lungreg.registration.baselines": ["common", "sitk", "ants", "registrar"],
     "lungreg.classify": ["folds", "features", "cnn", "tabular", "crossval", "summary"],

@@ -7,15 +7,19 @@ name that looks finished but is not.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import gzip
 import io as _io
 import os
 import tempfile
+import threading
+import time
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -71,6 +75,64 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+class BackgroundWriter:
+    """Write jobs run one at a time, in order, on a background thread, so that writing overlaps the
+    caller's work. At most `pending` jobs wait (their data stays in memory until written). A job's
+    error is raised in the caller, with a note naming the job, at its next `submit` or at `close`;
+    the writers here are atomic, so a failed job leaves no file under its final name.
+
+        with BackgroundWriter() as writer:
+            writer.submit("pair a", write_image, image, path)
+            ...
+            writer.close()  # waits for every job; raises the first error
+
+    Leaving the block by an exception drops the jobs not yet started and waits for the running one."""
+
+    def __init__(self, pending: int = 2):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungreg-writer")
+        self._jobs: collections.deque[tuple[str, Future]] = collections.deque()
+        self._pending = max(1, pending)
+        self._lock = threading.Lock()
+        self.busy_seconds = 0.0  # the thread's own time in jobs
+        self.wait_seconds = 0.0  # the caller's time waiting for them
+
+    def submit(self, name: str, job: Callable[..., None], *args) -> None:
+        started = time.perf_counter()
+        while self._jobs and (self._jobs[0][1].done() or len(self._jobs) >= self._pending):
+            self._finish_oldest()
+        self.wait_seconds += time.perf_counter() - started
+        self._jobs.append((name, self._pool.submit(self._timed, job, *args)))
+
+    def close(self) -> None:
+        started = time.perf_counter()
+        while self._jobs:
+            self._finish_oldest()
+        self._pool.shutdown()
+        self.wait_seconds += time.perf_counter() - started
+
+    def _timed(self, job: Callable[..., None], *args) -> None:
+        started = time.perf_counter()
+        try:
+            job(*args)
+        finally:
+            with self._lock:
+                self.busy_seconds += time.perf_counter() - started
+
+    def _finish_oldest(self) -> None:
+        name, future = self._jobs.popleft()
+        error = future.exception()
+        if error is not None:
+            error.add_note(f"while writing {name} (in the background)")
+            raise error
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._jobs.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_bytes(data: bytes, path: str | os.PathLike) -> None:

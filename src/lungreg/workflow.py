@@ -1,15 +1,56 @@
-"""Glue between Snakemake and the library: logging to the rule's log file (threads: `network.device`), and
-the problems of a run in one line each (`run_problems`, for the Snakefile's onsuccess / onerror)."""
+"""Glue between Snakemake and the library: logging to the rule's log file, a job's threads and its
+OpenMP settings (torch's threads: `network.device`), and the problems of a run in one line each
+(`run_problems`, for the Snakefile's onsuccess / onerror)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import logging
+import os
 import re
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
+
+import SimpleITK as sitk
+
+log = logging.getLogger(__name__)
+
+# Variables that size a library's thread pool: Snakemake sets the first six for each job; ANTs
+# (through ITK) reads the last when it loads.
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "GOTO_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
+)
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def job_environment(openmp: Mapping[str, str]) -> None:
+    """The OpenMP settings of every job (`threads.openmp` in the config), put into this process's
+    environment where not set already, so that the jobs it starts inherit them: OpenMP reads them
+    once, when it loads (with torch), which is before any of a job's own code runs. Called while
+    the workflow plans; a job on a cluster plans again, so its process gets them too."""
+    for name, value in openmp.items():
+        os.environ.setdefault(name, str(value))
+
+
+def limit_threads(threads: int) -> None:
+    """Give this job's libraries exactly `threads` threads, the cores Snakemake granted: SimpleITK's
+    global default (ITK would take every core), and the variables of THREAD_VARIABLES for what loads
+    later (Snakemake already sets the OpenMP / BLAS ones for a job; a library loaded before this
+    call has read them already). Logs the job's threads and OpenMP settings."""
+    threads = max(1, int(threads))
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    openmp = ", ".join(f"{name}={os.environ[name]}" for name in OPENMP_VARIABLES if name in os.environ)
+    log.info("threads: %d (SimpleITK %d; OpenMP: %s)", threads, threads, openmp or "defaults")
 
 
 @contextlib.contextmanager

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Iterator
 
 import torch
+
+from ..workflow import limit_threads
+
+log = logging.getLogger(__name__)
 
 
 def choose_device(requested: str = "auto") -> torch.device:
@@ -16,8 +21,17 @@ def choose_device(requested: str = "auto") -> torch.device:
 
 
 def set_threads(threads: int) -> None:
-    """Use exactly the threads Snakemake granted (torch would take every core)."""
-    torch.set_num_threads(max(1, int(threads)))
+    """Use exactly the threads Snakemake granted (torch would take every core): torch's intra-op and
+    inter-op pools, and everything `workflow.limit_threads` sets (SimpleITK, the thread variables)."""
+    threads = max(1, int(threads))
+    limit_threads(threads)
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != threads:
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError as error:  # only possible before any inter-op work, and once
+            log.warning("torch inter-op threads stay %d: %s", torch.get_num_interop_threads(), error)
+    log.info("torch threads: %d, inter-op %d", torch.get_num_threads(), torch.get_num_interop_threads())
 
 
 @contextlib.contextmanager

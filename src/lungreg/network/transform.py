@@ -15,6 +15,8 @@ Outside this module everything is physical (ITK/LPS mm, see `geometry`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -76,10 +78,34 @@ def jacobian_determinant_fd(grid: torch.Tensor) -> torch.Tensor:
     so its determinant is this one times det(moving index-to-world) / det(fixed index-to-world),
     which is 1 for a subject's two phases and positive for any two grids of like orientation.
     """
-    shape_dhw = grid.shape[1:4]
-    index = grid * torch.tensor([(n - 1) / 2 for n in shape_dhw[::-1]], device=grid.device, dtype=grid.dtype)
-    columns = [torch.gradient(index, dim=dim)[0] for dim in (3, 2, 1)]  # d/dx, d/dy, d/dz
-    return torch.linalg.det(torch.stack(columns, dim=-1))
+    return finite_difference_determinant(grid) * math.prod((n - 1) / 2 for n in grid.shape[1:4])  # index / normalised
+
+
+def finite_difference_determinant(points: torch.Tensor) -> torch.Tensor:
+    """det of the finite-difference Jacobian of points (N, D, H, W, 3) (x, y, z last) w.r.t. the voxel
+    index, (N, D, H, W): numpy.gradient's differences (central inside, one-sided at the border), the
+    3 x 3 determinant by cofactors (a few passes over the volume, no per-voxel matrix)."""
+    components = points.movedim(-1, 1).contiguous()  # (N, 3, D, H, W): each component contiguous
+    columns = [_twice_gradient(components, dim) for dim in (4, 3, 2)]  # 2 d/dx, 2 d/dy, 2 d/dz
+    (a, b, c), (d, e, f), (g, h, i) = [[column[:, k] for column in columns] for k in range(3)]
+    minors = (
+        torch.addcmul(e * i, f, h, value=-1),
+        torch.addcmul(f * g, d, i, value=-1),
+        torch.addcmul(d * h, e, g, value=-1),
+    )
+    return torch.addcmul(torch.addcmul(a * minors[0], b, minors[1]), c, minors[2]).mul_(0.125)  # det(2 J) / 8
+
+
+def _twice_gradient(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """2 x numpy.gradient along `dim` (f[i+1] - f[i-1] inside, 2 (f[1] - f[0]) and 2 (f[-1] - f[-2]) at
+    the ends): one pass, where torch.gradient's division and concatenation take three."""
+    n = values.shape[dim]
+    out = torch.empty_like(values)
+    torch.sub(values.narrow(dim, 2, n - 2), values.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
+    for end, (later, earlier) in ((0, (1, 0)), (n - 1, (n - 1, n - 2))):
+        torch.sub(values.narrow(dim, later, 1), values.narrow(dim, earlier, 1), out=out.narrow(dim, end, 1))
+        out.narrow(dim, end, 1).mul_(2)
+    return out
 
 
 def axial_displacements(gradients: torch.Tensor) -> torch.Tensor:
@@ -192,37 +218,77 @@ def _index_to_world_matrix(grid: Grid) -> np.ndarray:
     return matrix
 
 
+def normalised_to_world(grid: Grid) -> np.ndarray:
+    """4 x 4 homogeneous matrix taking normalised (x, y, z) of `grid` to physical mm."""
+    return _index_to_world_matrix(grid) @ _normalised_to_index_matrix(grid)
+
+
+def world_to_normalised(grid: Grid) -> np.ndarray:
+    """4 x 4 homogeneous matrix taking physical mm to normalised (x, y, z) of `grid` (grid_sample's)."""
+    return np.linalg.inv(normalised_to_world(grid))
+
+
+def index_to_world(grid: Grid) -> np.ndarray:
+    """4 x 4 homogeneous matrix taking voxel indices (x, y, z) of `grid` to physical mm (`Grid.index_to_world`)."""
+    return _index_to_world_matrix(grid)
+
+
+def stacked(matrices: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
+    """Per-pair matrices (N, ...) as a tensor of `like`'s dtype on its device."""
+    return torch.as_tensor(np.stack(matrices), dtype=like.dtype, device=like.device)
+
+
+def apply_affine(points: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Points (N, ..., 3) through per-batch-item homogeneous 4 x 4 `matrices` (N, 4, 4)."""
+    flat = points.reshape(points.shape[0], -1, 3)
+    moved = torch.baddbmm(matrices[:, None, :3, 3], flat, matrices[:, :3, :3].transpose(1, 2))
+    return moved.reshape(points.shape)
+
+
+def voxel_centres(grids: list[Grid], device=None, dtype=torch.float64) -> torch.Tensor:
+    """Physical voxel centres (N, z, y, x, 3) of grids of one shape (`Grid.voxel_centres`, batched)."""
+    k, j, i = torch.meshgrid(*(torch.arange(n, device=device, dtype=dtype) for n in grids[0].shape), indexing="ij")
+    index = torch.stack([i, j, k], dim=-1).expand(len(grids), *grids[0].shape, 3)
+    return apply_affine(index, stacked([index_to_world(g) for g in grids], index))
+
+
 def affine_to_physical(theta: np.ndarray, fixed: Grid, moving: Grid) -> sitk.AffineTransform:
     """The network's normalised 3 x 4 affine as an ITK transform (fixed mm -> moving mm)."""
     theta_h = np.vstack([np.asarray(theta, float).reshape(3, 4), [0, 0, 0, 1]])
-    fixed_world_to_norm = np.linalg.inv(_index_to_world_matrix(fixed) @ _normalised_to_index_matrix(fixed))
-    moving_norm_to_world = _index_to_world_matrix(moving) @ _normalised_to_index_matrix(moving)
-    physical = moving_norm_to_world @ theta_h @ fixed_world_to_norm
+    physical = normalised_to_world(moving) @ theta_h @ world_to_normalised(fixed)
     transform = sitk.AffineTransform(3)
     transform.SetMatrix(physical[:3, :3].ravel().tolist())
     transform.SetTranslation(physical[:3, 3].tolist())
     return transform
 
 
-def grid_to_displacement(grid: np.ndarray, fixed: Grid, moving: Grid) -> np.ndarray:
-    """Physical displacement field (z, y, x, 3) of a normalised grid (D, H, W, 3).
+def float64_grid(grid: torch.Tensor) -> torch.Tensor:
+    """A normalised grid (N, D, H, W, 3) in float64. A float32 grid's offset from the float32
+    identity is exact in float32 (the two are close), so it is added to the float64 identity:
+    float32 then rounds the displacement, not the position, and the identity's own float32 grid
+    becomes exactly the float64 identity (the refinement from the identity with no steps is
+    Unregistered to the last digit)."""
+    if grid.dtype == torch.float64:
+        return grid
+    shape, n = tuple(grid.shape[1:4]), grid.shape[0]
+    offset = grid.float() - identity_grid(shape, n, grid.device, torch.float32)
+    return identity_grid(shape, n, grid.device, torch.float64) + offset.double()
+
+
+def physical_displacement(grid: torch.Tensor, fixed: list[Grid], moving: list[Grid]) -> torch.Tensor:
+    """Physical displacement fields (N, z, y, x, 3) of normalised grids (N, D, H, W, 3), on their device.
 
     ITK displacement-field convention: at every fixed voxel centre x, the offset in mm to the
-    moving-image point the voxel takes its value from, so T(x) = x + u(x).
-
-    A float32 grid's offset from the float32 identity is exact in float32 (both are close), so it
-    is added to the float64 identity: float32 rounds the displacement, not the position (the
-    identity's own grid then gives exactly `identity_displacement`).
+    moving-image point the voxel takes its value from, so T(x) = x + u(x). Computed in float64.
     """
-    grid = np.asarray(grid)
-    if grid.dtype == np.float32:
-        shape = tuple(grid.shape[:3])
-        offset = grid - identity_grid(shape, dtype=torch.float32).numpy()[0]
-        grid = identity_grid(shape, dtype=torch.float64).numpy()[0] + offset.astype(np.float64)
-    homogeneous = np.concatenate([grid, np.ones(grid.shape[:-1] + (1,))], axis=-1)
-    moving_norm_to_world = _index_to_world_matrix(moving) @ _normalised_to_index_matrix(moving)
-    moving_points = homogeneous @ moving_norm_to_world[:3].T
-    return moving_points - fixed.voxel_centres()
+    grid = float64_grid(grid)
+    moving_points = apply_affine(grid, stacked([normalised_to_world(m) for m in moving], grid))
+    return moving_points - voxel_centres(fixed, grid.device)
+
+
+def grid_to_displacement(grid: np.ndarray, fixed: Grid, moving: Grid) -> np.ndarray:
+    """Physical displacement field (z, y, x, 3) of a normalised grid (D, H, W, 3) (`physical_displacement`)."""
+    return physical_displacement(torch.as_tensor(grid)[None], [fixed], [moving])[0].numpy()
 
 
 def identity_displacement(fixed: Grid, moving: Grid) -> np.ndarray:

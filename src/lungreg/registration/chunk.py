@@ -1,13 +1,16 @@
 """Registering a chunk of pairs with any method, scoring each pair, writing the results.
 
 `build_registrar` turns a method name of `study.METHODS` into its `Registrar`; `run_chunk` then
-registers, scores (`evaluate.evaluate_pair`) and writes every pair the same way for every method.
+registers, scores (`evaluate.score_batch`, on the registrar's device) and writes every pair the
+same way for every method, the pairs' files on a background thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -16,10 +19,10 @@ import pandas as pd
 import SimpleITK as sitk
 
 from .. import io
-from ..evaluate import LANDMARK_COLUMNS, Phase, evaluate_pair, load_phase, warp_image, warp_mask
+from ..evaluate import LANDMARK_COLUMNS, Phase, load_phase, score_batch, warp_image
+from ..geometry import image_from_array
 from ..network.model import Acceleration, IdentityPredictor, ModelSettings
 from ..network.refine import RefineSettings
-from ..network.transform import displacement_image
 from ..study import METHOD, Pair, PreprocessedLayout
 from .base import IdentityRegistrar, LoadedPair, Registrar, RegistrationResult
 from .baselines.registrar import build_baseline
@@ -49,17 +52,39 @@ class ChunkOutputs:
     landmarks: Path  # one row per landmark of intra-patient pairs
 
 
-def write_pair_files(folder: Path, item: LoadedPair, result: RegistrationResult) -> None:
-    """The field (float32 vector NIfTI, mm, ITK convention), warped image and mask, affine."""
-    fixed_grid = item.fixed.grid
-    field_image = sitk.Cast(displacement_image(result.displacement, fixed_grid), sitk.sitkVectorFloat32)
-    io.write_image(field_image, folder / "displacement.nii.gz")
-    warped = result.warped if result.warped is not None else warp_image(item.moving, fixed_grid, result.displacement)
-    io.write_image(sitk.Cast(warped, sitk.sitkFloat32), folder / "warped.nii.gz")
-    mask = fixed_grid.apply_to(
-        sitk.GetImageFromArray(warp_mask(item.moving, fixed_grid, result.displacement).astype(np.uint8))
+@dataclass
+class ChunkSeconds:
+    """Wall seconds of a chunk by stage, on the chunk's thread (they add up to its wall time, less
+    the bookkeeping). On CUDA the registrar returns before its GPU work ends: scoring waits for it."""
+
+    load: float = 0.0  # reading phases and true fields (the registrar pulls batches as it goes)
+    register: float = 0.0  # the registrar
+    score: float = 0.0  # evaluate.score_batch and the rows
+    write: float = 0.0  # the pairs' fields for the writer, waiting for it (full queue, the end), tables
+    writer: float = 0.0  # the writer thread's own time, beside the others
+
+    @contextlib.contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
+
+    def per_pair(self, pairs: int) -> str:
+        stages = ", ".join(f"{k} {v / max(pairs, 1):.3f}" for k, v in asdict(self).items() if k != "writer")
+        return f"seconds per pair: {stages} (writer thread {self.writer / max(pairs, 1):.3f})"
+
+
+def write_pair_files(folder: Path, item: LoadedPair, result: RegistrationResult, warped_mask: np.ndarray) -> None:
+    """The field (float32 vector NIfTI, mm, ITK convention), warped image and mask (z, y, x), affine."""
+    fixed_grid, displacement = item.fixed.grid, result.displacement
+    io.write_image(
+        image_from_array(displacement.astype(np.float32), fixed_grid, is_vector=True), folder / "displacement.nii.gz"
     )
-    io.write_image(mask, folder / "warped_mask.nii.gz")
+    warped = result.warped if result.warped is not None else warp_image(item.moving, fixed_grid, displacement)
+    io.write_image(sitk.Cast(warped, sitk.sitkFloat32), folder / "warped.nii.gz")
+    io.write_image(image_from_array(warped_mask.astype(np.uint8), fixed_grid), folder / "warped_mask.nii.gz")
     if result.affine is not None:
         with io.atomic_path(folder / "affine.tfm") as tmp:
             sitk.WriteTransform(result.affine, str(tmp))
@@ -73,59 +98,101 @@ def run_chunk(
     outputs: ChunkOutputs,
     save_fields: str = "intra_patient",
     truth_for: Callable[[Pair], sitk.Image | None] = lambda pair: None,
+    seconds: ChunkSeconds | None = None,
 ) -> pd.DataFrame:
     """Register, score and write every pair of a chunk; returns the metrics rows.
 
-    save_fields: "intra_patient" (default), "all" or "none": which pairs get their files.
+    save_fields: "intra_patient" (default), "all" or "none": which pairs get their files, written
+    on a background thread (`io.BackgroundWriter`) while the next pairs register and score.
+    `seconds`, when given, is filled with the chunk's time by stage (it is logged either way).
     """
     outputs.folder.mkdir(parents=True, exist_ok=True)
+    seconds = seconds if seconds is not None else ChunkSeconds()
+    rows, landmark_tables = [], []
+    with io.BackgroundWriter() as writer:
+        batches = _batches(pairs, registrar.batch_size, layout, seconds)
+        for batch, results in _timed_stream(register_stream(registrar, batches), seconds):
+            with seconds.timing("load"):
+                truths = [truth_for(item.pair) for item in batch]
+            with seconds.timing("score"):
+                points = [
+                    result.moving_points(item.fixed.grid, item.moving.grid) for item, result in zip(batch, results)
+                ]
+                pairs_fixed_moving = [[i.pair for i in batch], [i.fixed for i in batch], [i.moving for i in batch]]
+                scores = score_batch(*pairs_fixed_moving, points, truths)
+                for result, score in zip(results, scores):
+                    rows.append(_table_row(registrar, protocol, score.row, result))
+                    if len(score.landmarks):
+                        landmark_tables.append(score.landmarks.assign(method=registrar.name, protocol=protocol))
+            with seconds.timing("write"):
+                for item, result, score in zip(batch, results, scores):
+                    if save_fields == "all" or (save_fields == "intra_patient" and item.pair.intra_patient):
+                        result.displacement  # made here, where torch has the job's threads, not on the writer's
+                        files = (outputs.folder / item.pair.name, item, result, score.warped_mask.cpu().numpy())
+                        writer.submit(item.pair.name, write_pair_files, *files)
+            log.info("%s %s: %d/%d pairs registered", registrar.name, protocol, len(rows), len(pairs))
+        with seconds.timing("write"):
+            writer.close()
+        seconds.writer = writer.busy_seconds
+    with seconds.timing("write"):
+        metrics = pd.DataFrame(rows)
+        columns = [*LANDMARK_COLUMNS, "method", "protocol"]
+        io.write_table(
+            pd.concat(landmark_tables, ignore_index=True) if landmark_tables else pd.DataFrame(columns=columns),
+            outputs.landmarks,
+        )
+        io.write_table(metrics, outputs.metrics)
+    log.info("%s %s: %d pairs, %s", registrar.name, protocol, len(pairs), seconds.per_pair(len(pairs)))
+    return metrics
+
+
+def _batches(
+    pairs: list[Pair], size: int, layout: PreprocessedLayout, seconds: ChunkSeconds
+) -> Iterator[list[LoadedPair]]:
+    """The chunk's pairs in batches, their phases read lazily (the registrar may pull one batch ahead)
+    and kept while the chunk needs them."""
     cache: dict[tuple[str, str], Phase] = {}
 
     def phase(subject: str, name: str) -> Phase:
         if (subject, name) not in cache:
-            cache[(subject, name)] = load_phase(layout, subject, name)
+            with seconds.timing("load"):
+                cache[(subject, name)] = load_phase(layout, subject, name)
         return cache[(subject, name)]
 
-    def batches() -> Iterator[list[LoadedPair]]:  # read lazily: the registrar may pull one batch ahead
-        for start in range(0, len(pairs), registrar.batch_size):
-            if len(cache) > 64:  # inter-patient chunks visit many subjects: bound the memory
-                cache.clear()
-            yield [
-                LoadedPair(p, phase(p.fixed_subject, p.fixed_phase), phase(p.moving_subject, p.moving_phase))
-                for p in pairs[start : start + registrar.batch_size]
-            ]
+    for start in range(0, len(pairs), size):
+        if len(cache) > 64:  # inter-patient chunks visit many subjects: bound the memory
+            cache.clear()
+        yield [
+            LoadedPair(p, phase(p.fixed_subject, p.fixed_phase), phase(p.moving_subject, p.moving_phase))
+            for p in pairs[start : start + size]
+        ]
 
-    rows, landmark_tables = [], []
-    for batch, results in register_stream(registrar, batches()):
-        for item, result in zip(batch, results):
-            row, landmarks = evaluate_pair(
-                item.pair, item.fixed, item.moving, result.displacement, truth_for(item.pair)
-            )
-            rows.append(
-                {
-                    "method": registrar.name,
-                    "protocol": protocol,
-                    **row,
-                    **result.notes,
-                    "seconds": result.seconds,
-                    "device": registrar.device,
-                    "threads": registrar.threads,
-                }
-            )
-            landmark_tables.append(landmarks.assign(method=registrar.name, protocol=protocol))
-            if save_fields == "all" or (save_fields == "intra_patient" and item.pair.intra_patient):
-                write_pair_files(outputs.folder / item.pair.name, item, result)
-        log.info("%s %s: %d/%d pairs registered", registrar.name, protocol, len(rows), len(pairs))
-    metrics = pd.DataFrame(rows)
-    scored = [t for t in landmark_tables if len(t)]
-    io.write_table(
-        pd.concat(scored, ignore_index=True)
-        if scored
-        else pd.DataFrame(columns=[*LANDMARK_COLUMNS, "method", "protocol"]),
-        outputs.landmarks,
-    )
-    io.write_table(metrics, outputs.metrics)
-    return metrics
+
+def _table_row(registrar: Registrar, protocol: str, row: dict, result: RegistrationResult) -> dict:
+    """A pair's row of the per-pair table: method and protocol, its scores, its notes, its timing."""
+    return {
+        "method": registrar.name,
+        "protocol": protocol,
+        **row,
+        **result.notes,
+        "seconds": result.seconds,
+        "device": registrar.device,
+        "threads": registrar.threads,
+    }
+
+
+def _timed_stream(
+    stream: Iterator[tuple[list[LoadedPair], list[RegistrationResult]]], seconds: ChunkSeconds
+) -> Iterator[tuple[list[LoadedPair], list[RegistrationResult]]]:
+    """The stream's items, its time spent (less the phases it read meanwhile) added to `seconds.register`."""
+    while True:
+        started, loaded = time.perf_counter(), seconds.load
+        try:
+            item = next(stream)
+        except StopIteration:
+            return
+        seconds.register += time.perf_counter() - started - (seconds.load - loaded)
+        yield item
 
 
 def _refine_settings(refine: Mapping | RefineSettings) -> RefineSettings:
@@ -187,7 +254,6 @@ def register_chunk_job(
     """
     registrar = build_registrar(method, threads, options, model_path, baseline_options, refine, model)
     pairs = [Pair(r["moving_subject"], r["moving_phase"], r["fixed_subject"], r["fixed_phase"]) for r in pair_rows]
-    truths = {subject: io.read_intermediate_image(path) for subject, path in truth.items()}
     return run_chunk(
         registrar,
         pairs,
@@ -195,5 +261,9 @@ def register_chunk_job(
         protocol,
         ChunkOutputs(Path(folder), Path(metrics), Path(landmarks)),
         options["save_fields"],
-        lambda pair: truths.get(pair.fixed_subject) if pair.intra_patient else None,
+        lambda pair: (
+            io.read_intermediate_image(truth[pair.fixed_subject])  # each is read once, when needed
+            if pair.intra_patient and pair.fixed_subject in truth
+            else None
+        ),
     )

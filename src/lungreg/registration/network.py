@@ -16,8 +16,8 @@ from ..evaluate import Phase
 from ..network.device import choose_device
 from ..network.model import Acceleration, Predictor, RegistrationOutput, load_model
 from ..network.refine import RefineReport, RefineSettings, refine
-from ..network.transform import affine_to_physical, grid_to_displacement
-from .base import LoadedPair, RegistrationResult
+from ..network.transform import affine_to_physical, float64_grid
+from .base import LoadedPair, RegistrationResult, SamplingGrid
 
 
 @dataclass
@@ -26,8 +26,8 @@ class _InFlight:
 
     batch: list[LoadedPair]
     keep: tuple  # pinned host inputs and device tensors that must live until `done`
-    grid: torch.Tensor  # host copies (CUDA: pinned, filled asynchronously until `done`)
-    warped: torch.Tensor
+    grid: torch.Tensor  # on the device: the results' sampling grids, scored there
+    warped: torch.Tensor  # host copies (CUDA: pinned, filled asynchronously until `done`)
     theta: torch.Tensor | None
     seconds: float = 0.0  # CPU: measured; CUDA: from the events once done
     events: tuple | None = None  # CUDA: (start, end, done)
@@ -41,7 +41,8 @@ class NetworkRegistrar:
     `acceleration` (bf16, channels_last, cudnn_benchmark, compile) says how the network runs. With
     `prefetch`, `register_stream` overlaps work on CUDA: batch k+1 is read from disk, stacked into
     pinned memory and copied to the GPU on a side stream while batch k computes, and batch k's
-    results are scored on the CPU while batch k+1 computes (two batches in GPU memory at once).
+    results are handed on while batch k+1 computes (two batches in GPU memory at once). The
+    results keep their sampling grids on the device, where `evaluate.score_batch` scores them.
     On CPU it is the plain sequential path. Timing: CUDA events around each forward pass (GPU
     time, synchronised), or the wall clock on CPU; per pair, transfers and file I/O excluded.
     With compile or cudnn_benchmark, the first batch of each input shape also runs once
@@ -162,8 +163,8 @@ class NetworkRegistrar:
         start.record()
         out, report = self._predict(runner, moving, fixed, fixed_mask, spacing)
         end.record()
-        copies = []
-        for tensor in (out.grid[:n], out.warped[:n], None if out.theta is None else out.theta[:n]):
+        copies = [out.grid[:n]]
+        for tensor in (out.warped[:n], None if out.theta is None else out.theta[:n]):
             if tensor is None:
                 copies.append(None)
                 continue
@@ -179,7 +180,7 @@ class NetworkRegistrar:
             start, end, done = flight.events
             done.synchronize()
             seconds = start.elapsed_time(end) / 1000.0 / len(flight.batch)
-        grids = flight.grid.float().numpy()  # float32: grid_to_displacement keeps the offset exact
+        grids = float64_grid(flight.grid)  # the float32 grid's offset kept exact
         warped = flight.warped.float().numpy()
         results = []
         for k, item in enumerate(flight.batch):
@@ -189,8 +190,8 @@ class NetworkRegistrar:
             )
             image = fixed.apply_to(sitk.GetImageFromArray(warped[k, 0]))
             notes = {} if flight.report is None else flight.report.notes(k)
-            displacement = grid_to_displacement(grids[k], fixed, moving)
-            results.append(RegistrationResult(displacement, seconds, affine, image, notes))
+            sampling = SamplingGrid(grids[k], fixed, moving)
+            results.append(RegistrationResult(None, seconds, affine, image, notes, sampling=sampling))
         return results
 
     def register(self, batch: list[LoadedPair]) -> list[RegistrationResult]:

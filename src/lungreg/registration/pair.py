@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from .. import io, manifest, torch_io
-from ..evaluate import Phase
+from ..evaluate import Phase, warped_masks
 from ..geometry import Grid, resample
 from ..io import InputError
 from ..metrics import map_points
@@ -173,7 +173,8 @@ def _write_outputs(
     out.mkdir(parents=True, exist_ok=True)
     for stale in OUTPUT_NAMES:  # a rerun into the same folder leaves no file of another run
         (out / stale).unlink(missing_ok=True)
-    write_pair_files(out, item, result)
+    points = result.moving_points(item.fixed.grid, item.moving.grid)[None]
+    write_pair_files(out, item, result, warped_masks([item.moving], points)[0].cpu().numpy())
     if inputs.moving_mask is None:
         (out / "warped_mask.nii.gz").unlink(missing_ok=True)
     fixed_grid = item.fixed.grid
