@@ -19,10 +19,10 @@ Its pitfalls, each handled here:
 * importing convexAdam runs `warnings.filterwarnings("ignore")` for the whole process (every
   later warning of the job would vanish): the import sits inside `warnings.catch_warnings`;
 * `device` defaults to CUDA when present and `dtype` to float16: both are passed (cpu, float32);
-* sizes that are not multiples of its grid spacings: average pooling drops the remainder and the
-  upsampling stretches the coarse field back over the whole axis (its masked mode also fails on
-  odd sizes), so both images are padded (edge values) to a multiple of both grid spacings and 2,
-  and the field cropped back;
+* sizes that are not multiples of its grid spacings: its average pooling drops the remainder and
+  the upsampling spreads the coarse field over the whole axis again (a slight stretch, which its
+  Adam stage mostly corrects), and its masked mode fails on odd sizes: both images are padded
+  (edge values) to a multiple of both grid spacings and 2, and the field cropped back;
 * its masked mode (`masks: true`) reads the masks from NIfTI paths with nibabel, in the array
   order of the file (written here in the images' (z, y, x) order), and replaces everything
   outside the eroded masks by the nearest intensity inside them, which erases the lung boundary:
