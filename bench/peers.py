@@ -24,9 +24,9 @@ fixed grid) and the Jacobian inside the original fixed lung mask. With --ct-stud
 results folder, config/ct.yaml), every method also on that study's preprocessed pair, with its
 model, scored by evaluate_pair as its tables are.
 
-Rows: bench/results/NAME.tsv (the default cohort), NAME_ct.tsv (the CT pair), NAME_pairs.tsv (every
-pair and method); NAME*.json the machine. Timing is only meaningful on a quiet machine: the
-load average at each method's start is in its row.
+Rows: bench/results/NAME.tsv (the default cohort; per pair NAME_pairs.tsv), NAME_ct.tsv (the CT
+pair; the CT study's rows per pair NAME_ct_pairs.tsv); NAME*.json the machine and command. Timing
+is only meaningful on a quiet machine: the load average at each method's start is in its row.
 """
 
 from __future__ import annotations
@@ -91,11 +91,12 @@ def run_method(method: str, study: Path, config: dict, pairs: list[Pair], truth:
         for item, result in zip(batch, runner.register(batch)):
             path = study / f"cohort/synthetic/{item.pair.fixed_subject}/gt_displacement_fixed-{FIXED_PHASE}.nii.gz"
             exact = sitk.ReadImage(str(path)) if truth else None
-            row, _ = evaluate_pair(item.pair, item.fixed, item.moving, result.displacement, exact)
+            row, landmarks = evaluate_pair(item.pair, item.fixed, item.moving, result.displacement, exact)
             rows.append(
                 {
                     "method": method,
                     **row,
+                    "ds_landmarks": landmarks.loc[landmarks["in_view"].astype(bool), "ds"].tolist(),
                     "seconds": result.seconds,
                     "flag": result.notes.get("flag", ""),
                     "stop_condition": result.notes.get("stop_condition", ""),
@@ -103,6 +104,11 @@ def run_method(method: str, study: Path, config: dict, pairs: list[Pair], truth:
                 }
             )
     return rows
+
+
+def per_pair(rows: list[dict]) -> list[dict]:
+    """The pair rows as written: without the landmark errors they carry for the summary."""
+    return [{k: v for k, v in row.items() if k != "ds_landmarks"} for row in rows]
 
 
 def summary(method: str, rows: pd.DataFrame, grid: str) -> dict:
@@ -113,6 +119,7 @@ def summary(method: str, rows: pd.DataFrame, grid: str) -> dict:
         "pairs": len(rows),
         "dice_pct": 100 * rows["dice"].mean() if "dice" in rows else np.nan,
         "ds_mm": rows["ds"].mean(),
+        "ds_std_mm": np.std(np.concatenate(rows["ds_landmarks"].to_list()), ddof=1),  # over the landmarks
         "epe_mm": rows["epe_mean"].mean() if "epe_mean" in rows else np.nan,
         "jacobian_min": rows["jacobian_min"].min(),
         "folding_pairs": int(folding.sum()),
@@ -159,6 +166,7 @@ def ct_original_row(method: str, pair: dict, config: dict) -> dict:
         "pairs": 1,
         "landmarks": len(errors),
         "ds_mm": float(errors[:, 3].mean()),
+        "ds_std_mm": float(errors[:, 3].std(ddof=1)),
         "jacobian_min": jacobian["jacobian_min"],
         "folding_pairs": int(jacobian["jacobian_fraction_nonpositive"] > 0),
         "s_per_pair": result.seconds,
@@ -169,7 +177,14 @@ def ct_original_row(method: str, pair: dict, config: dict) -> dict:
 
 def ct_unregistered_row(pair: dict) -> dict:
     errors = np.linalg.norm(pair["moving_points"] - pair["fixed_points"], axis=1)
-    return {"method": "unregistered", "grid": "original", "pairs": 1, "landmarks": len(errors), "ds_mm": errors.mean()}
+    return {
+        "method": "unregistered",
+        "grid": "original",
+        "pairs": 1,
+        "landmarks": len(errors),
+        "ds_mm": errors.mean(),
+        "ds_std_mm": errors.std(ddof=1),
+    }
 
 
 # ------------------------------------------------------------------- main
@@ -227,51 +242,60 @@ def main() -> None:
         parser.error("nothing to do: give --study (the default cohort), --ct-study and/or --ct-only (the CT pair)")
     torch.set_num_threads(1)
     meta = {**machine(), "command": " ".join(sys.argv), "threads": 1}
-    pair_rows = []
     overrides = [parse_override(text) for text in args.set]
     meta["settings"] = args.set
     if args.study is not None:
-        config = with_overrides(workflow_config(), overrides)
-        cohort = pd.read_csv(args.study / "cohort/subjects.tsv", sep="\t")
-        pairs = validation_pairs(cohort, FIXED_PHASE)[: args.pairs or None]
-        rows = []
-        for method in methods:
-            done = run_method(method, args.study, config, pairs, truth=True)
-            pair_rows += [{"part": "default_cohort", **r} for r in done]
-            rows.append({**summary(method, pd.DataFrame(done), "the study's"), "settings": " ".join(args.set)})
-            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1), flush=True)
-            # after every method: an interrupted run keeps what it measured
-            written = write_results(rows, args.name, {**meta, "study": str(args.study)})
-            write_results(pair_rows, f"{args.name}_pairs", meta)
-        print(f"wrote {written}")
+        default_cohort(args, methods, with_overrides(workflow_config(), overrides), meta)
     if args.ct_only or args.ct_study:
-        config = with_overrides(workflow_config(REPO / "config" / "ct.yaml"), overrides)
-        pair = ct_original(args.ct_data)
-        rows = [ct_unregistered_row(pair)]
-        for method in [m for m in methods if m in PEERS and "original" in args.ct_grids]:
-            rows.append(ct_original_row(method, pair, config))
-            print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
-        if args.ct_study and "study" in args.ct_grids:
-            cohort = pd.read_csv(args.ct_study / "cohort/subjects.tsv", sep="\t")
-            pairs = protocol_pairs("inhale_exhale", cohort, FIXED_PHASE)
-            grid = Grid.of(
-                load_phase(
-                    PreprocessedLayout(args.ct_study / "preprocessed"), pairs[0].fixed_subject, FIXED_PHASE
-                ).image
-            )
-            grid_name = "the CT study's ({})".format(" x ".join(f"{s:.2f}" for s in grid.spacing))
-            for method in methods:
-                done = run_method(method, args.ct_study, config, pairs, truth=False)
-                pair_rows += [{"part": "ct_study", **r} for r in done]
-                rows.append(
-                    {**summary(method, pd.DataFrame(done), grid_name), "landmarks": int(done[0]["landmarks_scored"])}
-                )
-                print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
-        rows = [{**row, "settings": " ".join(args.set)} for row in rows]
-        meta_ct = {**meta, "ct_data": str(args.ct_data), "ct_study": str(args.ct_study or "")}
-        print(f"wrote {write_results(rows, f'{args.name}_ct', meta_ct)}")
-    if pair_rows:
-        print(f"wrote {write_results(pair_rows, f'{args.name}_pairs', meta)}")
+        ct_pair(args, methods, with_overrides(workflow_config(REPO / "config" / "ct.yaml"), overrides), meta)
+
+
+def default_cohort(args: argparse.Namespace, methods: list[str], config: dict, meta: dict) -> None:
+    """(a): NAME.tsv (a row per method) and NAME_pairs.tsv, rewritten after every method (an
+    interrupted run keeps what it measured)."""
+    cohort = pd.read_csv(args.study / "cohort/subjects.tsv", sep="\t")
+    pairs = validation_pairs(cohort, FIXED_PHASE)[: args.pairs or None]
+    meta = {**meta, "study": str(args.study)}
+    rows, pair_rows = [], []
+    for method in methods:
+        done = run_method(method, args.study, config, pairs, truth=True)
+        pair_rows += done
+        rows.append({**summary(method, pd.DataFrame(done), "the study's"), "settings": " ".join(args.set)})
+        print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1), flush=True)
+        written = write_results(rows, args.name, meta)
+        write_results(per_pair(pair_rows), f"{args.name}_pairs", meta)
+    print(f"wrote {written}")
+
+
+def ct_pair(args: argparse.Namespace, methods: list[str], config: dict, meta: dict) -> None:
+    """(b): NAME_ct.tsv (a row per method and grid) and NAME_ct_pairs.tsv (the CT study's rows)."""
+    meta = {**meta, "ct_data": str(args.ct_data), "ct_study": str(args.ct_study or "")}
+    pair = ct_original(args.ct_data)
+    rows, pair_rows = [ct_unregistered_row(pair)], []
+
+    def save() -> Path:
+        written = write_results([{**row, "settings": " ".join(args.set)} for row in rows], f"{args.name}_ct", meta)
+        if pair_rows:
+            write_results(per_pair(pair_rows), f"{args.name}_ct_pairs", meta)
+        print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
+        return written
+
+    for method in [m for m in methods if m in PEERS and "original" in args.ct_grids]:
+        rows.append(ct_original_row(method, pair, config))
+        written = save()
+    if args.ct_study and "study" in args.ct_grids:
+        cohort = pd.read_csv(args.ct_study / "cohort/subjects.tsv", sep="\t")
+        pairs = protocol_pairs("inhale_exhale", cohort, FIXED_PHASE)
+        layout = PreprocessedLayout(args.ct_study / "preprocessed")
+        grid = Grid.of(load_phase(layout, pairs[0].fixed_subject, FIXED_PHASE).image)
+        grid_name = "the CT study's ({})".format(" x ".join(f"{s:.2f}" for s in grid.spacing))
+        for method in methods:
+            done = run_method(method, args.ct_study, config, pairs, truth=False)
+            pair_rows += done
+            landmarks = int(done[0]["landmarks_scored"])
+            rows.append({**summary(method, pd.DataFrame(done), grid_name), "landmarks": landmarks})
+            written = save()
+    print(f"wrote {written if len(rows) > 1 else save()}")
 
 
 if __name__ == "__main__":
