@@ -442,6 +442,15 @@ def test_convexadam_voxel_displacement_to_the_project_convention():
     np.testing.assert_allclose(u, np.broadcast_to(expected, u.shape), atol=1e-9)
 
 
+def test_convexadam_on_a_grid_too_small_for_its_coarse_grid_says_which_setting_to_change():
+    grid = centred_grid((24, 24, 12), (8.0, 8.0, 12.0))  # 12 slices: 2 cells of 6
+    fixed, moving = make_phase(grid, lambda p: p), make_phase(grid, lambda p: p - [4.0, 0.0, 0.0])
+    with pytest.raises(RegistrationError, match=r"s01_inhale__s01_exhale: .*\(2, 4, 4\) cells .*set grid_spacing to 4"):
+        build_baseline("convexadam", {}, 1).register([loaded_pair(fixed, moving)])
+    result = build_baseline("convexadam", {"grid_spacing": 4}, 1).register([loaded_pair(fixed, moving)])[0]
+    assert result.notes["flag"] == "ok"
+
+
 def test_convexadam_masks_are_written_in_the_array_order_it_reads(tmp_path):
     """Its masked mode reads nibabel's get_fdata(): that must be the images' (z, y, x) array, padded."""
     nibabel = pytest.importorskip("nibabel")

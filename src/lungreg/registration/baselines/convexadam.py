@@ -23,6 +23,8 @@ Its pitfalls, each handled here:
   the upsampling spreads the coarse field over the whole axis again (a slight stretch, which its
   Adam stage mostly corrects), and its masked mode fails on odd sizes: both images are padded
   (edge values) to a multiple of both grid spacings and 2, and the field cropped back;
+* grids too small for its coarse grids (fewer than 3 cells of `grid_spacing` along an axis) fail
+  inside torch: `check_size` says so first, with the setting to change;
 * its masked mode (`masks: true`) reads the masks from NIfTI paths with nibabel, in the array
   order of the file (written here in the images' (z, y, x) order), and replaces everything
   outside the eroded masks by the nearest intensity inside them, which erases the lung boundary:
@@ -51,6 +53,7 @@ from ...network.transform import displacement_transform
 from ..base import RegistrationResult
 from .common import (
     MethodOptions,
+    RegistrationError,
     centred_start,
     dilate_mask,
     mask_image,
@@ -113,6 +116,19 @@ def padded(array: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(array, [(0, -n % multiple) for n in array.shape], mode="edge")
 
 
+def check_size(shape: tuple[int, ...], options: Mapping[str, Any], pair: str = "") -> None:
+    """Its coarse grids are box-filtered 3 cells wide: fewer than 3 cells along an axis fails
+    inside torch ("input image smaller than kernel size"); said here, before any work, with the fix."""
+    for key in ("grid_spacing", "adam_grid_spacing"):
+        cells = tuple(int(n) // int(options[key]) for n in shape)
+        if min(cells) < 3:
+            raise RegistrationError(
+                f"{pair or 'pair'}: the fixed grid, padded to {tuple(shape)} voxels (z, y, x), has {cells} cells of "
+                f"baselines.convexadam.{key} {options[key]} voxels; convexAdam needs at least 3 along every axis: "
+                f"set {key} to {max(1, min(shape) // 3)} or less"
+            )
+
+
 def convexadam_displacement(voxels: np.ndarray, grid: Grid, initial: sitk.Transform) -> np.ndarray:
     """ConvexAdam's result on `grid` as the project's field: (z, y, x, 3) mm, T(x) = x + u(x).
 
@@ -156,6 +172,7 @@ def register_convexadam(
     multiple = math.lcm(int(options["grid_spacing"]), int(options["adam_grid_spacing"]), 2)
     fixed_array = padded(sitk.GetArrayFromImage(fixed), multiple)
     moving_array = padded(sitk.GetArrayFromImage(moving_on_fixed), multiple)
+    check_size(fixed_array.shape, options, pair)
     arguments = dict(
         mind_r=int(options["mind_radius"]),
         mind_d=int(options["mind_dilation"]),
