@@ -482,14 +482,16 @@ def test_importing_convexadam_leaves_the_warning_filters_alone():
     """convexAdam's modules run warnings.filterwarnings("ignore") on import: every later warning of the
     job would vanish. Through `convexadam_modules` the filters are those of before."""
     check = (
-        "import warnings\nbefore = list(warnings.filters)\n{}\n"
-        "print(warnings.filters == before, any(f[0] == 'ignore' and f[2] is Warning for f in warnings.filters))"
+        "import warnings\n{}\nbefore = list(warnings.filters)\n{}\n"
+        "print(warnings.filters == before, ('ignore', None, Warning, None, 0) in warnings.filters)"
     )
-    raw = "import convexAdam.convex_adam_MIND"
-    ours = "from lungreg.registration.baselines.convexadam import convexadam_modules\nconvexadam_modules()"
+    raw = ("import torch, nibabel, scipy.ndimage, SimpleITK", "import convexAdam.convex_adam_MIND")
+    ours = ("from lungreg.registration.baselines.convexadam import convexadam_modules", "convexadam_modules()")
     outputs = []
-    for code in (raw, ours):
-        done = subprocess.run([sys.executable, "-c", check.format(code)], capture_output=True, text=True, timeout=300)
+    for setup, code in (raw, ours):
+        done = subprocess.run(
+            [sys.executable, "-c", check.format(setup, code)], capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         outputs.append(done.stdout.split())
     assert outputs == [["False", "True"], ["True", "False"]]
