@@ -16,8 +16,8 @@ from this environment's installed metadata with the markers evaluated for CPytho
 x86_64, at this environment's versions (the project's pins), less what the GPU machine provides
 (the six packages above and everything they require, except typing-extensions and packaging,
 whose versions there may be too old) and less what the GPU run leaves out:
-ANTsPy (no SyN there), the SLURM executor plugin, and PuLP (16 MB: Snakemake then needs
-`--scheduler greedy`, which the GPU tests pass).
+ANTsPy, ConvexAdam and elastix with its ITK (no classical baseline runs there), the SLURM executor
+plugin, and PuLP (16 MB: Snakemake then needs `--scheduler greedy`, which the GPU tests pass).
 
 Repack: a wheel is a zip; rewriting its members with LZMA keeps it a valid wheel (the RECORD hashes
 are of the uncompressed files, and pip and `install` read LZMA members through zipfile): SimpleITK's
@@ -44,7 +44,8 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 REPO = Path(__file__).resolve().parents[1]
 PROVIDED = ("torch", "numpy", "pandas", "scipy", "scikit-learn", "matplotlib")  # on the GPU machine
-LEFT_OUT = ("antspyx", "snakemake-executor-plugin-slurm", "pulp")  # not used by the GPU run
+# not used by the GPU run (the classical baselines: ANTsPy, ConvexAdam, elastix and its ITK)
+LEFT_OUT = ("antspyx", "convexadam", "itk-elastix", "itk", "snakemake-executor-plugin-slurm", "pulp")
 EXTRA_ROOTS = ("pytest",)
 # Provided there too, but maybe older than the wheels here need (pydantic: typing-extensions>=4.16;
 # snakemake: packaging<26,>=24): brought along, first on PYTHONPATH they shadow the machine's own

@@ -30,7 +30,7 @@ PACKAGE_ORDER = {
     "lungreg.synthetic": ["settings", "anatomy", "render", "calibration"],
     "lungreg.network": ["device", "transform", "scoring", "model", "losses", "refine", "train"],
     "lungreg.registration": ["base", "network", "baselines", "chunk", "budget", "pair"],
-    "lungreg.registration.baselines": ["common", "sitk", "ants", "registrar"],
+    "lungreg.registration.baselines": ["common", "sitk", "ants", "convexadam", "elastix", "registrar"],
     "lungreg.classify": ["folds", "features", "cnn", "tabular", "crossval", "summary"],
 }
 # Imports that may sit inside a function: genuinely optional or deferred on purpose (each says why
@@ -38,6 +38,10 @@ PACKAGE_ORDER = {
 INNER_IMPORTS = {
     ("lungreg.registration.baselines.ants", "ants"),  # heavy, only syn needs it, not in envs/torch.yaml
     ("lungreg.registration.baselines.ants", "ants.internal"),
+    # only convexadam needs it, not in envs/torch.yaml; its import silences warnings process-wide
+    ("lungreg.registration.baselines.convexadam", "convexAdam.apply_convex"),
+    ("lungreg.registration.baselines.convexadam", "convexAdam.convex_adam_MIND"),
+    ("lungreg.registration.baselines.elastix", "itk"),  # only elastix needs ITK Python (seconds to load)
     ("lungreg.manifest", "nibabel"),  # a fast path; whatever fails falls back to SimpleITK
     ("lungreg.cli", "lungreg.io"),  # `lungreg --help` answers without loading torch
     ("lungreg.cli", "lungreg.registration.pair"),

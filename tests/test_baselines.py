@@ -1,4 +1,5 @@
-"""Classical baselines (ANTsPy SyN, SimpleITK affine + B-spline / demons): conventions and pitfalls.
+"""Classical baselines (ANTsPy SyN, SimpleITK affine + B-spline / demons, ConvexAdam, elastix):
+conventions and pitfalls.
 
 Synthetic phantoms are analytic functions of PHYSICAL position, so a known translation or smooth
 deformation between fixed and moving is exact whatever the grids; the real thorax CT checks the
@@ -8,24 +9,30 @@ affine stage against a known rigid transform.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
+import torch
 
 from lungreg import metrics
-from lungreg.evaluate import Phase, evaluate_pair
+from lungreg.evaluate import Phase, evaluate_pair, load_phase
 from lungreg.geometry import Grid, image_from_array
 from lungreg.network.transform import displacement_transform, identity_displacement
 from lungreg.registration.base import LoadedPair
-from lungreg.registration.baselines import common
+from lungreg.registration.baselines import common, convexadam, elastix
 from lungreg.registration.baselines.common import RegistrationError
+from lungreg.registration.baselines.convexadam import convexadam_displacement
 from lungreg.registration.baselines.registrar import build_baseline, resolve_options
 from lungreg.registration.baselines.sitk import sitk_affine
 from lungreg.study import BASELINE_METHODS, Pair
 
 SITK_METHODS = ("sitk_bspline", "sitk_demons")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rotation_z(degrees: float) -> np.ndarray:
@@ -97,7 +104,7 @@ def test_options_are_checked_and_every_method_builds():
     with pytest.raises(ValueError, match="unknown option"):
         build_baseline("sitk_bspline", {"grid_spacing": 20}, 1)
     with pytest.raises(ValueError, match="unknown baseline method"):
-        build_baseline("elastix", {}, 1)
+        build_baseline("deeds", {}, 1)
 
 
 def test_the_workflow_config_options_are_accepted():
@@ -276,29 +283,44 @@ def test_zero_iteration_runs_are_flagged():
 # ------------------------------------------------------------------- conventions, both libraries
 
 
-@pytest.mark.parametrize("method", ["syn", *SITK_METHODS])
+# elastix's defaults take ~20 s here: its conventions need far fewer iterations (the defaults are
+# run on a default-cohort pair below)
+QUICK = {"elastix": {"linear_iterations": 50, "bspline_iterations": 50}}
+
+
+@pytest.mark.parametrize("method", ["syn", *SITK_METHODS, "convexadam", "elastix"])
 def test_a_known_translation_comes_out_with_the_right_sign(method):
-    """Moving = fixed content moved by +t (mm): T(x) = x + t maps fixed points to moving points."""
+    """Moving = fixed content moved by +t (mm): T(x) = x + t maps fixed points to moving points.
+    The library's own warped image (ConvexAdam's apply_convex, elastix's transformix) is the moving
+    image resampled through OUR field: the conversion to the project's convention is right."""
     t = np.array([6.0, -4.5, 5.0])
     grid = centred_grid((32, 28, 20), (6.0, 6.0, 8.0), rotation_z(10.0))  # a rotated header too
     fixed = make_phase(grid, lambda p: p)
     moving = make_phase(grid, lambda p: p - t)
-    result = build_baseline(method, {}, 1).register([loaded_pair(fixed, moving)])[0]
+    result = build_baseline(method, QUICK.get(method, {}), 1).register([loaded_pair(fixed, moving)])[0]
 
     assert result.displacement.shape == (*grid.shape, 3)
     assert result.seconds > 0 and np.isfinite(result.seconds)
     for key in ("flag", "stop_condition", "iterations", "metric_value", "initial_overlap", "final_overlap"):
         assert key in result.notes
-    if method in SITK_METHODS:
+    if method in (*SITK_METHODS, "elastix"):
         assert result.notes["flag"] == "ok", result.notes
         assert result.notes["stop_condition"] and result.notes["iterations"] > 0
         assert "affine_stop_condition" in result.notes and "rigid_iterations" in result.notes
+    if method == "elastix":
+        assert result.notes["iterations"] == 50 and result.notes["rigid_iterations"] == 50
+        assert "Maximum number of iterations" in result.notes["stop_condition"]
+        assert result.notes["metric_value"] < result.notes["affine_initial_metric_value"] < 0  # NCC, minimised
 
     inside = fixed.mask
-    np.testing.assert_allclose(np.median(result.displacement[inside], axis=0), t, atol=1.0)
-    # the affine part alone maps the lung centre by t as well
+    # ConvexAdam searches in voxels: within a quarter voxel here (its sub-voxel z shifts fall short on
+    # 20 slices of 8 mm); the convention itself is pinned by the warped image below
+    tolerance = np.asarray(grid.spacing) / 4 if method == "convexadam" else 1.0
+    median = np.median(result.displacement[inside], axis=0)
+    assert np.all(np.abs(median - t) <= tolerance), (median, t)
     centre = grid.voxel_centres()[inside].mean(0)
-    np.testing.assert_allclose(np.asarray(result.affine.TransformPoint(centre.tolist())) - centre, t, atol=1.5)
+    if method != "convexadam":  # the affine part alone maps the lung centre by t as well (ConvexAdam has none)
+        np.testing.assert_allclose(np.asarray(result.affine.TransformPoint(centre.tolist())) - centre, t, atol=1.5)
     # resampling the moving image through OUR field reproduces the library's own warped image
     ours = sitk.GetArrayFromImage(
         sitk.Resample(
@@ -358,3 +380,236 @@ def test_syn_beats_unregistered_on_a_known_smooth_deformation():
         0,
         atol=0.6,
     )
+
+
+# ------------------------------------------------------------------- ConvexAdam and elastix
+
+
+def test_convexadam_and_elastix_options_are_checked():
+    for method, bad in (
+        ("convexadam", {"grid_sp": 6}),  # its own argument name is not ours
+        ("convexadam", {"smoothing": 4}),  # it smooths with an odd box only
+        ("convexadam", {"grid_spacing": 0}),
+        ("elastix", {"metric": "AdvancedNormalizedCorrelation"}),
+        ("elastix", {"linear_stages": ["similarity"]}),
+        ("elastix", {"ErodeMask": "false"}),
+    ):
+        with pytest.raises(ValueError, match="convexadam|elastix|unknown"):
+            resolve_options(method, bad)
+    assert resolve_options("convexadam", {"smoothing": 3})["smoothing"] == 3
+    assert resolve_options("elastix", {})["erode_mask"] is False  # the thin-mask pitfall, off by default
+
+
+def test_convexadam_field_matches_its_own_warp_when_the_moving_grid_differs():
+    """The moving image on a larger, shifted grid: ConvexAdam registers it after resampling through
+    the centred initial transform (a shift of whole voxels here, so that this resampling copies
+    voxels and apply_convex's warp interpolates once, like ours); our field composes both and
+    reproduces its warped image, on odd sizes (padded for its pooling, cropped back)."""
+    t = np.array([5.0, -4.0, 6.0])
+    grid = centred_grid((41, 35, 23), (6.0, 5.5, 8.0), rotation_z(-15.0), centre=(3.0, -2.0, 10.0))
+    offset = np.array([-2.0, 0.0, 1.0])  # voxels between the origins; the sizes differ by 4, 2, 0
+    shift = grid.index_to_world_matrix @ (offset + np.array([4, 2, 0]) / 2)  # between the grid centres
+    origin = tuple(np.asarray(grid.origin) + grid.index_to_world_matrix @ offset)
+    moving_grid = Grid((45, 37, 23), grid.spacing, origin, grid.direction)
+    fixed = make_phase(grid, lambda p: p)
+    moving = make_phase(moving_grid, lambda p: p - t)
+    result = build_baseline("convexadam", {}, 1).register([loaded_pair(fixed, moving)])[0]
+    np.testing.assert_allclose(result.affine.GetTranslation(), shift, atol=1e-6)  # the grid centres, not t
+    assert np.linalg.norm(shift - t) > 5.0
+    assert result.notes["flag"] == "ok" and result.notes["padded_shape"] == "24x36x42"
+    assert result.displacement.shape == (*grid.shape, 3)
+    # found the residual motion (t - shift) beyond the initial shift: within 1.5 mm (z voxels are 8 mm)
+    np.testing.assert_allclose(np.median(result.displacement[fixed.mask], axis=0), t, atol=1.5)
+    ours = sitk.GetArrayFromImage(
+        sitk.Resample(
+            moving.image, fixed.image, displacement_transform(result.displacement, grid), sitk.sitkLinear, 0.0
+        )
+    )
+    np.testing.assert_allclose(ours[fixed.mask], sitk.GetArrayFromImage(result.warped)[fixed.mask], atol=1e-4)
+
+
+def test_convexadam_voxel_displacement_to_the_project_convention():
+    """One voxel along array axis 0 (z) of a rotated, anisotropic grid is spacing_z mm along the
+    grid's third direction; the initial transform acts after it."""
+    grid = centred_grid((6, 5, 4), (1.0, 2.0, 3.0), rotation_z(30.0), centre=(10.0, 20.0, 30.0))
+    voxels = np.zeros((*grid.shape, 3))
+    voxels[..., 0] = 1.0  # +1 voxel along z
+    voxels[..., 2] = 0.5  # +0.5 voxel along x
+    shift = sitk.Euler3DTransform()
+    shift.SetTranslation((1.0, -2.0, 0.5))
+    u = convexadam_displacement(voxels, grid, shift)
+    expected = 3.0 * grid.direction_matrix[:, 2] + 0.5 * 1.0 * grid.direction_matrix[:, 0] + [1.0, -2.0, 0.5]
+    np.testing.assert_allclose(u, np.broadcast_to(expected, u.shape), atol=1e-9)
+
+
+def test_convexadam_on_a_grid_too_small_for_its_coarse_grid_says_which_setting_to_change():
+    grid = centred_grid((24, 24, 12), (8.0, 8.0, 12.0))  # 12 slices: 2 cells of 6
+    fixed, moving = make_phase(grid, lambda p: p), make_phase(grid, lambda p: p - [4.0, 0.0, 0.0])
+    with pytest.raises(RegistrationError, match=r"s01_inhale__s01_exhale: .*\(2, 4, 4\) cells .*set grid_spacing to 4"):
+        build_baseline("convexadam", {}, 1).register([loaded_pair(fixed, moving)])
+    result = build_baseline("convexadam", {"grid_spacing": 4}, 1).register([loaded_pair(fixed, moving)])[0]
+    assert result.notes["flag"] == "ok"
+
+
+def test_convexadam_masks_are_written_in_the_array_order_it_reads(tmp_path):
+    """Its masked mode reads nibabel's get_fdata(): that must be the images' (z, y, x) array, padded."""
+    nibabel = pytest.importorskip("nibabel")
+    grid = centred_grid((7, 5, 3), (1.0, 1.0, 2.0))
+    array = np.zeros(grid.shape, np.uint8)
+    array[1, 2, 3:6] = 1
+    mask = image_from_array(array, grid)
+    path = convexadam._mask_file(mask, 0.0, tmp_path / "mask.nii", 6)
+    read = nibabel.load(path).get_fdata()
+    assert read.shape == (6, 6, 12)
+    np.testing.assert_array_equal(read[:3, :5, :7], array)
+    assert not read[3:].any() and not read[:, 5:].any()  # edge values: the mask touches no far edge
+
+
+def test_convexadam_masked_mode_runs_on_odd_sizes_and_needs_the_moving_mask():
+    t = np.array([4.0, -3.0, 5.0])
+    grid = centred_grid((33, 29, 21), (6.0, 6.0, 8.0))
+    fixed, moving = make_phase(grid, lambda p: p), make_phase(grid, lambda p: p - t)
+    registrar = build_baseline("convexadam", {"masks": True, "mask_dilation_mm": 10.0}, 1)
+    result = registrar.register([loaded_pair(fixed, moving)])[0]  # odd sizes: its masked mode needs them even
+    assert result.notes["flag"] == "ok"
+    error = np.median(result.displacement[fixed.mask], axis=0) - t
+    assert np.linalg.norm(error) < 0.5 * np.linalg.norm(t), error  # registered (less well: see the module)
+    with pytest.raises(ValueError, match="needs the moving lung mask"):
+        registrar.register_pair(fixed.image, moving.image, fixed.mask, "p")
+
+
+def test_importing_convexadam_leaves_the_warning_filters_alone():
+    """convexAdam's modules run warnings.filterwarnings("ignore") on import: every later warning of the
+    job would vanish. Through `convexadam_modules` the filters are those of before."""
+    check = (
+        "import warnings\n{}\nbefore = list(warnings.filters)\n{}\n"
+        "print(warnings.filters == before, ('ignore', None, Warning, None, 0) in warnings.filters)"
+    )
+    raw = ("import torch, nibabel, scipy.ndimage, SimpleITK", "import convexAdam.convex_adam_MIND")
+    ours = ("from lungreg.registration.baselines.convexadam import convexadam_modules", "convexadam_modules()")
+    outputs = []
+    for setup, code in (raw, ours):
+        done = subprocess.run(
+            [sys.executable, "-c", check.format(setup, code)], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout.split())
+    assert outputs == [["False", "True"], ["True", "False"]]
+
+
+def test_torch_and_itk_python_threads_are_set_and_restored():
+    before = torch.get_num_threads()
+    with convexadam.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    itk = elastix.elastix_modules()
+    before = itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads()
+    with elastix.elastix_threads(itk, 1):
+        assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 1
+    assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == before
+
+
+def test_elastix_maps_and_transformix_field_follow_the_itk_geometry(tmp_path, monkeypatch):
+    """Our initial transform as an elastix map, through transformix, on a rotated anisotropic grid
+    with an origin far from zero, equals SimpleITK's field of the same transform (Direction
+    written column by column, Euler angles and centre as ITK's); `linear_part` is that transform.
+    Transformix leaves no file behind (it writes its field to the working directory unless told)."""
+    monkeypatch.chdir(tmp_path)
+    itk = elastix.elastix_modules()
+    c, s = np.cos(np.radians(15.0)), np.sin(np.radians(15.0))
+    tilted = rotation_z(25.0) @ np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])  # not symmetric
+    grid = centred_grid((9, 7, 5), (1.5, 2.0, 3.5), tilted, centre=(40.0, -70.0, 120.0))
+    euler = sitk.Euler3DTransform((41.0, -69.0, 118.0), 0.1, -0.05, 0.2, (3.0, -1.0, 2.0))
+    maps = itk.ParameterObject.New()
+    maps.AddParameterMap(elastix.initial_map(euler, grid))
+    moving = image_from_array(np.zeros(grid.shape, np.float32), grid)
+    field, _ = elastix.elastix_displacement(itk, maps, grid, moving)
+    np.testing.assert_allclose(field, common.transform_to_displacement(euler, grid), atol=1e-4)
+    other = centred_grid((4, 6, 3), (3.0, 1.0, 2.0), rotation_z(-40.0), centre=(30.0, -60.0, 110.0))
+    field, _ = elastix.elastix_displacement(itk, maps, other, moving)  # any grid: one conversion
+    np.testing.assert_allclose(field, common.transform_to_displacement(euler, other), atol=1e-4)
+    affine = elastix.linear_part(itk, maps)
+    for point in ([0.0, 0.0, 0.0], [40.0, -70.0, 120.0]):
+        np.testing.assert_allclose(affine.TransformPoint(point), euler.TransformPoint(point), atol=1e-9)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_elastix_on_a_thin_lung_mask_needs_the_mask_not_eroded():
+    """The issue's pitfall: elastix's default ErodeMask leaves no valid sample in a thin mask
+    ("No valid voxels (0/1000)"): reported with the pair's name and elastix's own reason; with
+    erode_mask false (our default) the same pair registers."""
+    t = np.array([6.0, -4.5, 5.0])
+    grid = centred_grid((32, 28, 20), (6.0, 6.0, 8.0), rotation_z(10.0))
+    fixed, moving = make_phase(grid, lambda p: p), make_phase(grid, lambda p: p - t)
+    thin = np.zeros(grid.shape, bool)
+    thin[9:11, 4:24, 4:28] = True  # two slices
+    fixed.mask = thin
+    options = {"mask_dilation_mm": 0.0, **QUICK["elastix"]}
+    with pytest.raises(RegistrationError, match=r"s01_inhale__s01_exhale: elastix failed: .*No valid voxels \(0/"):
+        build_baseline("elastix", {**options, "erode_mask": True}, 1).register([loaded_pair(fixed, moving)])
+    result = build_baseline("elastix", options, 1).register([loaded_pair(fixed, moving)])[0]
+    assert result.notes["flag"] == "ok"
+    np.testing.assert_allclose(np.median(result.displacement[thin], axis=0), t, atol=1.0)
+
+
+@pytest.mark.parametrize("method", ["convexadam", "elastix"])
+def test_the_peers_give_the_same_field_twice(method):
+    """The tables are reproducible run to run: elastix's random sampling is seeded (`seed`)."""
+    grid = centred_grid((24, 20, 16), (6.0, 6.0, 8.0))
+    fixed, moving = make_phase(grid, lambda p: p), make_phase(grid, lambda p: p - [3.0, 2.0, -4.0])
+    options = {"elastix": {"linear_iterations": 20, "bspline_iterations": 20}}.get(method, {})
+    first, second = (
+        build_baseline(method, options, 1).register([loaded_pair(fixed, moving)])[0].displacement for _ in range(2)
+    )
+    np.testing.assert_array_equal(first, second)
+
+
+# ------------------------------------------------------------------- a default-cohort pair
+
+
+@pytest.fixture(scope="module")
+def default_cohort_pair(tmp_path_factory) -> LoadedPair:
+    """One subject of the default synthetic cohort (config/config.yaml, the schema's defaults),
+    preprocessed as the workflow does: its inhale (moving) -> exhale (fixed) pair."""
+    from snakemake.utils import validate
+
+    from lungreg.preprocess import PreprocessSettings, preprocess_subject
+    from lungreg.study import PreprocessedLayout
+    from lungreg.synthetic.render import synthesize_subject
+    from lungreg.synthetic.settings import SyntheticCohortSettings
+
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    validate(config, str(REPO / "config" / "schemas" / "config.schema.yaml"))
+    synthetic = SyntheticCohortSettings.from_config(config["synthetic"])
+    section = {**config["preprocess"], "grid_shape": list(synthetic.covering_shape(config["preprocess"]["factor"]))}
+    folder = tmp_path_factory.mktemp("default_cohort")
+    subject = "sub-002"  # a validation subject of the default split
+    synthesize_subject(synthetic, subject, folder / "raw")
+    names = ("inhale", "exhale", "inhale_mask", "exhale_mask", "inhale_landmarks", "exhale_landmarks")
+    inputs = {
+        name: folder / "raw" / (f"{name}.csv" if name.endswith("landmarks") else f"{name}.nii.gz") for name in names
+    }
+    settings = PreprocessSettings.from_config(section, config["pairs"]["fixed_phase"])
+    preprocess_subject(subject, inputs, settings, folder / "preprocessed" / subject)
+    layout = PreprocessedLayout(folder / "preprocessed")
+    return LoadedPair(
+        Pair(subject, "inhale", subject, "exhale"),
+        load_phase(layout, subject, "exhale"),
+        load_phase(layout, subject, "inhale"),
+    )
+
+
+@pytest.mark.parametrize("method", ["convexadam", "elastix"])
+def test_the_peers_defaults_do_not_fold_on_a_default_cohort_pair(default_cohort_pair, method):
+    item = default_cohort_pair
+    assert item.fixed.grid.shape == (24, 48, 48)  # the default study's grid
+    result = build_baseline(method, {}, 1).register([item])[0]
+    assert result.notes["flag"] == "ok", result.notes
+    registered, _ = evaluate_pair(item.pair, item.fixed, item.moving, result.displacement)
+    unregistered, _ = evaluate_pair(
+        item.pair, item.fixed, item.moving, identity_displacement(item.fixed.grid, item.moving.grid)
+    )
+    assert registered["jacobian_fraction_nonpositive"] == 0.0 and registered["jacobian_min"] > 0.2, registered
+    assert registered["dice"] > unregistered["dice"] + 0.05, (registered["dice"], unregistered["dice"])
+    assert registered["ds"] < 0.5 * unregistered["ds"], (registered["ds"], unregistered["ds"])

@@ -53,9 +53,10 @@ def test_tiny_study_produces_every_table_with_the_expected_rows(tiny_study):
         ("identity_refined", "inhale_exhale"): TINY_VALIDATION,
         ("syn", "inhale_exhale"): TINY_VALIDATION,
         ("sitk_bspline", "inhale_exhale"): TINY_VALIDATION,
+        ("convexadam", "inhale_exhale"): TINY_VALIDATION,  # on by default (config/config.yaml)
     }
     table1 = table(tiny_study, "table1_dice")
-    methods = ["unregistered", "proposed", "proposed_refined", "identity_refined", "syn", "sitk_bspline"]
+    methods = ["unregistered", "proposed", "proposed_refined", "identity_refined", "syn", "sitk_bspline", "convexadam"]
     assert list(table1["method"]) == methods
     assert (table1["inhale_exhale_pairs"] == TINY_VALIDATION).all()
     assert table1.set_index("method").loc["proposed", "all_combinations_pairs"] == TINY_VALIDATION**2
@@ -64,13 +65,13 @@ def test_tiny_study_produces_every_table_with_the_expected_rows(tiny_study):
     assert list(table2["method"]) == list(table1["method"])
     assert (table2["landmarks_scored"] == 11 * TINY_VALIDATION).all()
     # every intra-patient pair has 11 landmark rows: the own pairs (unregistered, proposed and its
-    # refined row on every subject, the refinement from the identity and the two baselines on the
-    # validation subjects), and the diagonal of all_combinations (unregistered, proposed)
-    intra = 3 * TINY_SUBJECTS + 3 * TINY_VALIDATION + 2 * TINY_VALIDATION
+    # refined row on every subject, the refinement from the identity and the three baselines on
+    # the validation subjects), and the diagonal of all_combinations (unregistered, proposed)
+    intra = 3 * TINY_SUBJECTS + 4 * TINY_VALIDATION + 2 * TINY_VALIDATION
     assert len(table(tiny_study, "landmarks")) == 11 * intra
     jacobian = table(tiny_study, "jacobian")
-    assert len(jacobian) == 8 and (jacobian["pairs_with_folding"] == 0).all()
-    assert len(table(tiny_study, "endpoint_error")) == 6
+    assert len(jacobian) == 9 and (jacobian["pairs_with_folding"] == 0).all()
+    assert len(table(tiny_study, "endpoint_error")) == 7
     classification = table(tiny_study, "classification")
     assert set(classification["classifier"]) == {"cnn", "logistic"}
     sources = table(tiny_study, "classification_sources")
@@ -81,8 +82,8 @@ def test_tiny_study_measures_the_refinement_against_its_budget_from_both_starts(
     """refine_budget: the network's prediction and the identity, at budget 0, the curve's budgets
     and the full one, on the validation pairs; its ends are the tables' own rows."""
     budget = table(tiny_study, "refine_budget")
-    full = "40+30"  # the schema's default stages
-    expected = ["0+0", "5+5", "10+5", "20+10", full]
+    full = "10+20"  # the schema's default stages
+    expected = ["0+0", "5+5", "5+10", full, "20+40"]
     assert list(budget["budget"]) == expected * 2
     assert list(budget["start"]) == ["network"] * 5 + ["identity"] * 5
     assert (budget["pairs"] == TINY_VALIDATION).all()
@@ -202,7 +203,8 @@ def test_real_ct_pair_with_the_ct_preset_scores_51_pairs_and_reports_a_bad_setti
         "train: {epochs: 2}\n"
         "refine: {stages: []}\n"
         "inference: {protocols: [inhale_exhale], chunks: {inhale_exhale: 1}}\n"
-        "baselines: {syn: {enabled: false}, sitk_bspline: {linear_iterations: 0, bspline_iterations: 0}}\n"
+        "baselines: {syn: {enabled: false}, sitk_bspline: {linear_iterations: 0, bspline_iterations: 0},"
+        " elastix: {linear_iterations: 20, bspline_iterations: 20}}\n"  # the preset's peers, quick
         "threads: {gpu_jobs: 1}\n"
     )
     result = snakemake(workdir, "--config", f"subjects={manifest}", configfiles=(workdir / "config/ct.yaml", faults))

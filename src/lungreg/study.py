@@ -76,6 +76,8 @@ METHODS = (
     Method("syn", "SyN (ANTsPy)", "baseline"),
     Method("sitk_bspline", "SimpleITK affine + B-spline", "baseline"),
     Method("sitk_demons", "SimpleITK affine + demons", "baseline"),
+    Method("convexadam", "ConvexAdam", "baseline"),
+    Method("elastix", "elastix affine + B-spline", "baseline"),
 )
 METHOD = {m.name: m for m in METHODS}
 NETWORK_METHODS = tuple(m.name for m in METHODS if m.kind == "network")

@@ -46,24 +46,30 @@ class RegistrationError(ValueError):
 
 
 @dataclass(frozen=True)
-class CommonOptions:
+class MethodOptions:
     """Options of every method (config `baselines.<method>`, less the workflow keys enabled /
-    protocols / chunks); the same defaults as the schema's."""
+    protocols / chunks / subjects); the same defaults as the schema's."""
 
     initializer: str = "geometry"  # geometry (image centres), moments (centres of mass) or none
+    min_overlap: float = 0.5  # fraction of fixed-mask points inside the moving image, checked first
+    on_error: str = "raise"  # raise, or identity: a flagged identity result for a failed pair
+
+
+@dataclass(frozen=True)
+class CommonOptions(MethodOptions):
+    """Options of the ITK-family methods (syn, sitk_*, elastix): masks, crop, pyramid, linear stages."""
+
     mask_dilation_mm: float = 10.0  # dilate the fixed lung mask so its boundary counts in the metric
     crop_margin_mm: float = 20.0  # the fixed image is cropped to the dilated mask's box + this margin
-    min_overlap: float = 0.5  # fraction of fixed-mask points inside the moving image, checked first
     pyramid_levels: int = 3  # at most this many levels (shrink 4, 2, 1)
     pyramid_min_size: int = 12  # voxels per axis of the cropped image at the coarsest level
     pyramid_min_mask_voxels: int = 1000  # mask voxels at the coarsest level
     seed: int = 2018
-    on_error: str = "raise"  # raise, or identity: a flagged identity result for a failed pair
     linear_stages: list = field(default_factory=lambda: ["rigid", "affine"])  # in order, each from the last
     mattes_bins: int = 32
 
 
-def resolve(cls: type[CommonOptions], method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+def resolve(cls: type[MethodOptions], method: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The options of `method` (an options class) as a dict; unknown keys and bad choices are errors."""
     resolved = dataclasses.asdict(settings_from(cls, options, f"baselines.{method}"))
     if resolved["initializer"] not in ("geometry", "moments", "none"):
@@ -434,6 +440,25 @@ class Prepared:
     pair: str = ""
 
 
+def centred_start(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: np.ndarray | sitk.Image,
+    options: Mapping[str, Any],
+    pair: str = "",
+) -> tuple[sitk.Image, sitk.Image, sitk.Image, sitk.Transform, float]:
+    """Every method's start: float32 images, the fixed mask as an image, the centred initial
+    transform and its overlap, checked (`MethodOptions`: initializer, min_overlap)."""
+    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
+    moving = sitk.Cast(moving, sitk.sitkFloat32)
+    mask = mask_image(fixed_mask, fixed)
+    if not (sitk.GetArrayViewFromImage(mask) > 0).any():
+        raise RegistrationError(f"{pair or 'pair'}: the fixed lung mask is empty")
+    initial = centred_initial_transform(fixed, moving, options["initializer"], mask)
+    overlap = check_overlap(initial, mask, moving, float(options["min_overlap"]), pair)
+    return fixed, moving, mask, initial, overlap
+
+
 def prepare(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -441,11 +466,7 @@ def prepare(
     options: Mapping[str, Any],
     pair: str = "",
 ) -> Prepared:
-    fixed = sitk.Cast(fixed, sitk.sitkFloat32)
-    moving = sitk.Cast(moving, sitk.sitkFloat32)
-    mask = mask_image(fixed_mask, fixed)
-    if not (sitk.GetArrayViewFromImage(mask) > 0).any():
-        raise RegistrationError(f"{pair or 'pair'}: the fixed lung mask is empty")
+    fixed, moving, mask, initial, overlap = centred_start(fixed, moving, fixed_mask, options, pair)
     dilated = dilate_mask(mask, float(options["mask_dilation_mm"]))
     fixed_crop, mask_crop = crop_to_mask(fixed, dilated, float(options["crop_margin_mm"]))
     mask_voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask_crop)))
@@ -457,8 +478,6 @@ def prepare(
         options["pyramid_min_size"],
         options["pyramid_min_mask_voxels"],
     )
-    initial = centred_initial_transform(fixed, moving, options["initializer"], mask)
-    overlap = check_overlap(initial, mask, moving, float(options["min_overlap"]), pair)
     return Prepared(fixed, moving, mask, fixed_crop, mask_crop, factors, sigmas, initial, overlap, pair)
 
 
