@@ -3,7 +3,8 @@
     python bench/refine_start.py --study RUN/results                      # the study's own model
     python bench/refine_start.py --study RUN/results --model OTHER/model.pt --schedules constant,cosine
 
-On the validation pairs of a finished synthetic study, per pair: the refinement run by the
+On the validation pairs of a finished study (synthetic; or real, then without the end-point
+error), per pair: the refinement run by the
 workflow's own registrars (`proposed_refined` from the network's prediction, `identity_refined`
 from the identity; batches of 4, 1 thread) with the default `refine:` settings at each budget
 (steps per stage) and learning-rate schedule, scored by the tables' code (`chunk.run_chunk`):
@@ -46,10 +47,9 @@ def run(study: Path, model: Path, budget: list[int], schedule: str, start: str) 
     method = start_method(start, "proposed")
     registrar = build_registrar(method, 1, inference, str(model), None, settings, construction)
 
-    def truth(pair):
-        return sitk.ReadImage(
-            str(study / f"cohort/synthetic/{pair.fixed_subject}/gt_displacement_fixed-{FIXED_PHASE}.nii.gz")
-        )
+    def truth(pair):  # the synthetic cohort's exact field; a real cohort has none (landmarks only)
+        path = study / f"cohort/synthetic/{pair.fixed_subject}/gt_displacement_fixed-{FIXED_PHASE}.nii.gz"
+        return sitk.ReadImage(str(path)) if path.exists() else None
 
     with tempfile.TemporaryDirectory() as scratch:
         outputs = ChunkOutputs(Path(scratch), Path(scratch) / "m.tsv", Path(scratch) / "l.tsv")
@@ -66,7 +66,7 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
             pairs=("pair", "size"),
             dice_pct=("dice", lambda v: 100 * v.mean()),
             ds_mm=("ds", "mean"),
-            epe_mm=("epe_mean", "mean"),
+            epe_mm=("epe_mean", "mean") if "epe_mean" in rows else ("ds", lambda v: float("nan")),
             objective_initial=("refine_objective_initial", "mean"),
             objective_final=("refine_objective_final", "mean"),
             s_per_pair=("seconds", "mean"),

@@ -16,10 +16,13 @@ add up over the stages. The objective per pair is
 
 with D the diffusion and B the (pure second-derivative) bending energy of the displacement in
 physical units (`losses.diffusion`, `losses.bending`). The default: a strong diffusion energy on
-the coarse stage, then bending on the fine one. Bending on both (config/refine_bending.yaml) is
-the more accurate registration (end-point error 3.3 against 3.9 mm) but leaves less of the ILD
-signal in the fields (AUC 0.71 against 0.87): it also smooths the curvature of the motion that
-the disease changes (bench/README.md, refinement trials).
+the coarse stage, then bending on the fine one (bending on both, config/refine_bending.yaml,
+smooths away more of the motion's regional curvature that the ILD classifier reads). Each
+stage's Adam rate ramps up and then decays along a cosine (`schedule`): with a constant rate a
+stage ends at Adam's step size, which ignores how near the start already was, so the network's
+prediction bought nothing at the default budget (bench/README.md, "the network earns its place").
+Started from the identity (`IdentityPredictor`, the rows `identity_refined`) the same refinement
+is pure instance optimisation: the tables' measure of what the network's prediction adds.
 
 The result, per pair: of the network's prediction and the ends of the stages, the state with the
 lowest full-resolution objective (with the finest stage's weights) among those whose finite-
