@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,9 @@ from lungreg.classify.summary import (
     fast_metric,
     permutation_p_value,
     repeated_metric,
+    subject_matrix,
     summarize,
+    summary_table,
 )
 from lungreg.geometry import Grid
 from lungreg.study import feasibility
@@ -177,24 +180,27 @@ def test_fast_metrics_equal_scikit_learns_with_ties():
     assert np.isnan(fast_metric("auc", np.ones(5, int), p[:5]))
 
 
-def test_bootstrap_interval_is_scipys_percentile_bootstrap_of_the_subjects():
-    """With one repeat, the interval equals scipy.stats.bootstrap over the subjects with
-    scikit-learn's metric, drawn from the same generator."""
+def test_bootstrap_interval_is_scipys_percentile_bootstrap_within_each_class():
+    """With one repeat, the interval equals scipy.stats.bootstrap of scikit-learn's metric with the
+    healthy and the ILD subjects as two samples resampled independently (`paired=False`: a stratified
+    bootstrap), drawn from the same generator."""
     from scipy import stats
 
     rng = np.random.default_rng(5)
     y = rng.integers(0, 2, 41)
     p = np.clip(0.3 * y + 0.7 * rng.random(41), 0, 1)
+    classes = (np.flatnonzero(y == 0), np.flatnonzero(y == 1))
     for name, metric in (
         ("auc", lambda i: skm.roc_auc_score(y[i], p[i])),
         ("balanced_accuracy", lambda i: skm.balanced_accuracy_score(y[i], p[i] >= 0.5)),
     ):
         ours = bootstrap_interval(name, y, p[None], resamples=1000, seed=7)
         reference = stats.bootstrap(
-            (np.arange(41),),
-            lambda i: metric(np.asarray(i, int)),
+            classes,
+            lambda healthy, ild: metric(np.concatenate([healthy, ild]).astype(int)),
             n_resamples=1000,
             vectorized=False,
+            paired=False,
             method="percentile",
             rng=np.random.default_rng(7),
         ).confidence_interval
@@ -203,6 +209,46 @@ def test_bootstrap_interval_is_scipys_percentile_bootstrap_of_the_subjects():
     probabilities = np.stack([p, np.clip(p + 0.1 * rng.standard_normal(41), 0, 1)])
     low, high = bootstrap_interval("auc", y, probabilities, resamples=1000, seed=7)
     assert low < repeated_metric("auc", y, probabilities) < high
+
+
+@pytest.mark.parametrize("n_healthy, n_ild", [(8, 8), (3, 13)])
+def test_small_and_unbalanced_cohorts_get_every_interval_finite_and_in_range(n_healthy, n_ild):
+    """The workflow's defaults (5 folds, 5 repeats, 2000 resamples) on 16 subjects: every quoted
+    interval exists and lies in [0, 1] around its figure. An unstratified resample of 3 + 13 subjects
+    lacks the healthy class once in 28 draws ((13/16)^16), so its percentile interval is NaN (below)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(n_healthy)
+    folds = make_folds(labelled_cohort(n_healthy, n_ild), 5, seed=0, repeats=5)
+    probability = np.clip(0.5 * rng.random(len(folds)) + 0.3 * (folds["label"] == "ILD"), 0, 1)
+    predictions = pd.concat(
+        [
+            predictions_frame(part, 0, probability[part.index], int(repeat)).assign(fold=part["fold"].to_numpy())
+            for repeat, part in folds.groupby("repeat")
+        ],
+        ignore_index=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # e.g. "Mean of empty slice" from a one-class resample
+        table = summary_table({"logistic": predictions}, resamples=2000, permutations=200, seed=2018)
+    quoted = table[(table["repeat"] == "all") & (table["fold"] == "pooled")].iloc[0]
+    for metric in ("accuracy", "balanced_accuracy", "auc"):
+        low, high = quoted[f"{metric}_ci_low"], quoted[f"{metric}_ci_high"]
+        assert np.isfinite([low, high]).all(), metric
+        assert 0 <= low <= quoted[metric] <= high <= 1, metric
+    if n_healthy == 3:
+        y, probabilities, _ = subject_matrix(predictions)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            unstratified = stats.bootstrap(
+                (np.arange(len(y)),),
+                lambda i: repeated_metric("auc", y[np.asarray(i, int)], probabilities[:, np.asarray(i, int)]),
+                n_resamples=2000,
+                vectorized=False,
+                method="percentile",
+                rng=np.random.default_rng(2018),
+            )
+        assert np.isnan(unstratified.confidence_interval.low)
 
 
 def test_permutation_p_value_is_small_for_a_real_signal_and_not_for_none():
