@@ -12,6 +12,7 @@ from snakemake.utils import validate
 
 from lungreg import manifest, study
 from lungreg.io import InputError
+from lungreg.lungmask import AutoMaskSettings
 from lungreg.synthetic.settings import SyntheticCohortSettings, subject_table
 from lungreg.workflow import run_problems
 
@@ -71,6 +72,7 @@ def table_path(table):
 # ----------------------------------------------------------------- the cohort
 
 FIXED_PHASE = config["pairs"]["fixed_phase"]
+AUTO_MASK = config["preprocess"]["auto_mask"]  # the lung_mask jobs' settings (a phase without a mask)
 
 
 def load_cohort():
@@ -81,7 +83,8 @@ def load_cohort():
         try:
             frame = manifest.read_manifest(config["subjects"])
             validate(frame, "../config/schemas/subjects.schema.yaml")
-            checks = manifest.check_subjects(frame, cache_path="results/.cache/input_checks.json")
+            auto_mask = AutoMaskSettings.from_config(AUTO_MASK)
+            checks = manifest.check_subjects(frame, "results/.cache/input_checks.json", auto_mask)
         except InputError as error:
             raise WorkflowError(f"bad input: {error}") from None
     else:
@@ -99,7 +102,7 @@ def preprocess_section():
     """The preprocess: section the jobs get, `grid_shape: auto` resolved for this cohort: a manifest's
     from its lung masks (`cohort_grid_shape`; each subject centred on its lungs), the synthetic
     cohort's the shape that holds its rendered field of view (it has no masks while planning)."""
-    section = dict(config["preprocess"])
+    section = {k: v for k, v in config["preprocess"].items() if k != "auto_mask"}  # rule lung_mask's, not theirs
     if section["grid_shape"] != "auto":
         outside = (
             manifest.lungs_outside_grid(CHECKS, FIXED_PHASE, section["factor"], section["grid_shape"]) if CHECKS else []
@@ -156,18 +159,33 @@ wildcard_constraints:
 # ------------------------------------------------------------------ preprocessing
 
 
+def auto_mask_phases(subject):
+    """The phases of a manifest's subject without a mask: rule lung_mask segments them."""
+    row = COHORT.set_index("subject").loc[subject]
+    return [p for p in ("inhale", "exhale") if not row[f"{p}_mask"]]
+
+
 def subject_inputs(wildcards):
-    """The raw files of one subject (so that a changed file reruns only that subject)."""
+    """The raw files of one subject (so that a changed file reruns only that subject); an automatic
+    lung mask in place of an empty mask cell."""
     row = COHORT.set_index("subject").loc[wildcards.subject]
-    items = ["inhale", "exhale", "inhale_mask", "exhale_mask"]
+    inputs = {item: row[item] for item in ["inhale", "exhale", "inhale_mask", "exhale_mask"]}
+    for phase in auto_mask_phases(wildcards.subject):
+        inputs[f"{phase}_mask"] = str(PREPROCESSED.auto_mask(wildcards.subject, phase))
     if row["inhale_landmarks"]:  # optional: "" (subjects.schema.yaml) when a subject has none
-        items += ["inhale_landmarks", "exhale_landmarks"]
-    return {item: row[item] for item in items}
+        inputs |= {item: row[item] for item in ["inhale_landmarks", "exhale_landmarks"]}
+    return inputs
+
+
+def auto_mask_image(wildcards):
+    return COHORT.set_index("subject").loc[wildcards.subject, wildcards.phase]
 
 
 def subject_qc_files(wildcards=None):
-    """Every subject's checks (crop, clipping, landmarks), gathered into results/tables/qc.tsv."""
-    return [str(PREPROCESSED.qc(s)) for s in SUBJECTS]
+    """Every subject's checks (crop, clipping, landmarks; an automatic mask's), gathered into
+    results/tables/qc.tsv."""
+    automatic = [str(PREPROCESSED.auto_mask_qc(s, p)) for s in SUBJECTS for p in auto_mask_phases(s)]
+    return [str(PREPROCESSED.qc(s)) for s in SUBJECTS] + automatic
 
 
 def preprocessed_files(subject, phase):

@@ -14,6 +14,7 @@ from workflow_runner import REPO
 from lungreg.classify.cnn import CnnSettings
 from lungreg.classify.tabular import sklearn_classifier
 from lungreg.config import settings_from
+from lungreg.lungmask import AutoMaskSettings
 from lungreg.network.losses import LossSettings
 from lungreg.network.model import Acceleration, ModelSettings
 from lungreg.network.refine import RefineSettings
@@ -83,7 +84,10 @@ def assert_library_agrees(cls, section: dict, given: dict | None = None) -> None
 def test_the_library_keeps_no_default_the_schema_does_not_have(schema_defaults):
     config = schema_defaults
     assert SyntheticCohortSettings.from_config(config["synthetic"]) == SyntheticCohortSettings()
-    assert_library_agrees(PreprocessSettings, config["preprocess"], {"reference_phase": config["pairs"]["fixed_phase"]})
+    preprocess = {k: v for k, v in config["preprocess"].items() if k != "auto_mask"}  # rule lung_mask's settings
+    assert_library_agrees(PreprocessSettings, preprocess, {"reference_phase": config["pairs"]["fixed_phase"]})
+    assert_library_agrees(AutoMaskSettings, config["preprocess"]["auto_mask"])
+    assert set(config["preprocess"]["auto_mask"]) == set(library_defaults(AutoMaskSettings))
     assert_library_agrees(SplitSettings, config["split"])
     assert library_defaults(PreprocessSettings)["reference_phase"] == config["pairs"]["fixed_phase"]
     assert_library_agrees(ModelSettings, config["model"])
@@ -146,7 +150,8 @@ def test_validate_fills_nested_sections_and_defaults_beside_a_ref():
     assert config["baselines"]["syn"]["syn_iterations"] == [40, 20, 10]  # its own properties
     assert config["baselines"]["syn"]["crop_margin_mm"] == 20.0  # the shared ones, through $ref
     assert config["baselines"]["sitk_demons"]["linear_iterations"] == 200  # both $refs
-    assert config["classify"]["cnn"]["epochs"] == 150 and config["report"] == {"method": "proposed", "subjects": 3}
+    assert config["classify"]["cnn"]["epochs"] == 150 and config["report"] == {"method": "auto", "subjects": 3}
+    assert config["classify"]["method"] == "auto" and config["classify"]["sources"] == "auto"  # resolved by the rules
     assert config["synthetic"]["n_subjects"] == 41 and config["pairs"]["fixed_phase"] == "exhale"
     assert config["split"]["n_validation"] is None and config["preprocess"]["max_mask_crop"] == 0.01
 

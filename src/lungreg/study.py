@@ -299,6 +299,14 @@ class PreprocessedLayout:
         """The subject's checks (lungreg.preprocess.QC_COLUMNS): crop, clipping, landmarks in view."""
         return Path(self.root) / subject / "qc.tsv"
 
+    def auto_mask(self, subject: str, phase: str) -> Path:
+        """The automatic lung mask of a phase without one, on its image's own grid (lungreg.lungmask)."""
+        return Path(self.root) / subject / f"{phase}_auto_mask.nii.gz"
+
+    def auto_mask_qc(self, subject: str, phase: str) -> Path:
+        """The automatic mask's checks (volume, lungs found), gathered into qc.tsv."""
+        return Path(self.root) / subject / f"{phase}_auto_mask_qc.tsv"
+
 
 # ------------------------------------------------------------------- classification
 
