@@ -341,19 +341,43 @@ def baseline_options(wildcards):
 # ----------------------------------------------------------------- classification
 
 CLASSIFY = config["classify"]
-CLASSIFY_METHOD = CLASSIFY["method"]  # the field source of results/tables/classification.tsv
-CLASSIFY_SOURCES = [CLASSIFY_METHOD, *[s for s in CLASSIFY["sources"] if s != CLASSIFY_METHOD]]
+GROUND_TRUTH = study.GROUND_TRUTH
+
+
+def classify_method():
+    """classify.method, `auto` resolved: the refined row of the first network variant where it
+    registers inhale_exhale, else that variant's single pass."""
+    if CLASSIFY["method"] != "auto":
+        return CLASSIFY["method"]
+    refined = study.refined_method(VARIANTS[0])
+    return refined if (refined, "inhale_exhale") in method_protocols() else VARIANTS[0]
+
+
+def classify_sources():
+    """The field sources, classify.method first; classify.sources' `auto`: the first network variant's
+    rows, and the ground truth where it exists (the synthetic cohort; a manifest has no exact fields)."""
+    sources = CLASSIFY["sources"]
+    if sources == "auto":
+        registered = [m for m, p in method_protocols() if p == "inhale_exhale"]
+        sources = [m for m in NETWORK_ROWS if study.METHOD[m].model == VARIANTS[0] and m in registered]
+        sources += [GROUND_TRUTH] if SYNTHETIC_COHORT else []
+    return [CLASSIFY_METHOD, *[s for s in sources if s != CLASSIFY_METHOD]]
+
+
+CLASSIFY_METHOD = classify_method()  # the field source of results/tables/classification.tsv
+CLASSIFY_SOURCES = classify_sources()
 CLASSIFY_FOLDS = CLASSIFY["folds"]
 CLASSIFY_REPEATS = CLASSIFY["repeats"]
 CLASSIFY_CLASSIFIERS = CLASSIFY["classifiers"]
 CLASSIFY_LABELLED = study.labelled_subjects(COHORT)
-GROUND_TRUTH = study.GROUND_TRUTH
 
 
-def source_problem(source):
-    """Why `source` has no inhale-exhale field for every labelled subject, or None."""
+def source_problem(source, key):
+    """Why `source` (asked for by classify.`key`) has no inhale-exhale field for every labelled
+    subject, with the fix; None when it has."""
     if source == GROUND_TRUTH:
-        return None if SYNTHETIC_COHORT else "ground_truth exists for the synthetic cohort only"
+        fix = f"remove it from classify.{key}, or set classify.{key}: auto"
+        return None if SYNTHETIC_COHORT else f"ground_truth exists for the synthetic cohort only; {fix}"
     if (source, "inhale_exhale") not in method_protocols():
         return f"{source} does not register the inhale_exhale protocol in this configuration"
     covered = {p.fixed_subject for _, pairs in chunks_of(source, "inhale_exhale") for p in pairs}
@@ -378,9 +402,13 @@ CLASSIFY_SKIP = classification_skip_reason()
 if CLASSIFY_SKIP:
     logger.warning(f"ILD classification: {CLASSIFY_SKIP}")
 else:
-    for source in CLASSIFY_SOURCES:
-        if source_problem(source):
-            raise WorkflowError(f"classify: field source {source}: {source_problem(source)}")
+    if CLASSIFY["sources"] == "auto":
+        left_out = "" if SYNTHETIC_COHORT else f" ({GROUND_TRUTH} left out: it exists for the synthetic cohort only)"
+        logger.info(f"classify: sources auto: {', '.join(CLASSIFY_SOURCES)}{left_out}")
+    for key, sources in (("method", CLASSIFY_SOURCES[:1]), ("sources", CLASSIFY_SOURCES[1:])):
+        for source in sources:
+            if source_problem(source, key):
+                raise WorkflowError(f"classify: {key}: field source {source}: {source_problem(source, key)}")
 
 
 def classification_parts():
@@ -463,7 +491,7 @@ def classify_source_summaries(wildcards=None):
 
 # ------------------------------------------------------------------------- report
 
-REPORT_METHOD = config["report"]["method"]
+REPORT_METHOD = VARIANTS[0] if config["report"]["method"] == "auto" else config["report"]["method"]
 
 
 def report_pair_folders():

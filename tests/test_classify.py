@@ -610,6 +610,65 @@ def test_a_field_source_that_misses_labelled_subjects_stops_planning(tmp_path):
     assert "subjects: all" in result.stdout + result.stderr
 
 
+def small_labelled_manifest(folder: Path, labels: list[str]) -> Path:
+    """A manifest of small real files (random CT-like values, a box mask per phase): enough to plan."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, rng = [], np.random.default_rng(0)
+    for number, label in enumerate(labels, start=1):
+        row = {"subject": f"s{number:02d}", "label": label}
+        for phase in ("inhale", "exhale"):
+            image = sitk.GetImageFromArray(rng.uniform(-1000, 300, (8, 10, 12)).astype(np.float32))
+            mask = sitk.GetImageFromArray(np.pad(np.ones((4, 6, 8), np.uint8), 2))
+            for name, item in (
+                (f"{row['subject']}_{phase}.nii.gz", image),
+                (f"{row['subject']}_{phase}_mask.mha", mask),
+            ):
+                item.SetSpacing((8.0, 8.0, 10.0))
+                sitk.WriteImage(item, str(folder / name))
+            row |= {phase: f"{row['subject']}_{phase}.nii.gz", f"{phase}_mask": f"{row['subject']}_{phase}_mask.mha"}
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(folder / "subjects.tsv", sep="\t", index=False)
+    return folder / "subjects.tsv"
+
+
+def plan_manifest(tmp_path: Path, config: str = "") -> subprocess.CompletedProcess:
+    """`snakemake -n` of a labelled manifest with the default configuration (config/config.yaml), plus `config`."""
+    manifest = small_labelled_manifest(tmp_path / "data", ["healthy"] * 3 + ["ILD"] * 5)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(config or "{}\n")
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "run"), "-n"]
+    command += ["--configfile", str(extra), "--config", f"subjects={manifest}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_a_labelled_manifest_plans_its_classification_with_the_default_configuration(tmp_path):
+    """classify: method and sources auto: the refined network row and its single pass; the ground
+    truth exists for the synthetic cohort only, so a manifest leaves it out with a note."""
+    result = plan_manifest(tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "classify: sources auto: proposed_refined, proposed (ground_truth left out" in output
+    sources = set(re.findall(r"wildcards: source=(\w+), classifier=", output))
+    assert sources == {"proposed_refined", "proposed"}
+    # without refinement, auto is the single pass (the schema's old default, proposed_refined, stopped here)
+    result = plan_manifest(tmp_path / "single", "refine: {stages: []}\n")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "classify: sources auto: proposed (ground_truth" in output
+    assert set(re.findall(r"wildcards: source=(\w+), classifier=", output)) == {"proposed"}
+
+
+def test_a_field_source_a_manifest_cannot_have_stops_planning_naming_the_key_and_the_fix(tmp_path):
+    result = plan_manifest(tmp_path, "classify: {sources: [proposed, ground_truth]}\n")
+    assert result.returncode != 0
+    assert (
+        "classify: sources: field source ground_truth: ground_truth exists for the synthetic cohort only; "
+        "remove it from classify.sources, or set classify.sources: auto"
+    ) in result.stdout + result.stderr
+
+
 def test_dry_run_of_a_cohort_too_small_skips_classification(tmp_path):
     output = dry_run(tmp_path, "synthetic: {n_subjects: 1, n_ild: 0}\n")
     assert "ILD classification: skipped" in output
