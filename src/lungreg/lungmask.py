@@ -133,12 +133,19 @@ def _radius(mm: float, image: sitk.Image) -> list[int]:
     return [max(1, int(round(mm / s))) for s in image.GetSpacing()]
 
 
-def _regions(mask: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Face-connected regions: labels (z, y, x) and each label's voxel count (label 0: 0)."""
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(mask, False))
+def _regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Face-connected regions of a (z, y, x) mask: labels and each label's voxel count (label 0: 0)."""
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), False))
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels, sizes
+
+
+def _box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The index box of a mask's set voxels (work on it, not on the whole image)."""
+    return tuple(
+        slice(int(v[0]), int(v[-1]) + 1) for v in (np.flatnonzero(mask.any(axis=a)) for a in ((1, 2), (0, 2), (0, 1)))
+    )
 
 
 def _lungs(labels: np.ndarray, sizes: np.ndarray, candidates: np.ndarray, share: float) -> list[int]:
@@ -147,23 +154,18 @@ def _lungs(labels: np.ndarray, sizes: np.ndarray, candidates: np.ndarray, share:
     return order[:1] + [label for label in order[1:2] if sizes[label] >= share * sizes[order[0]]]
 
 
-def _border_shares(labels: np.ndarray, like: sitk.Image) -> np.ndarray:
+def _border_shares(labels: np.ndarray) -> np.ndarray:
     """Per label: its voxels on the image's faces / its surface voxels (contour or face)."""
     count = int(labels.max()) + 1
     on_face = np.zeros(labels.shape, bool)
     for axis in range(3):
         on_face[(slice(None),) * axis + (0,)] = True
         on_face[(slice(None),) * axis + (-1,)] = True
-    contour = sitk.GetArrayViewFromImage(sitk.LabelContour(_like(labels, like), False)) != 0
+    contour = sitk.GetArrayViewFromImage(sitk.LabelContour(sitk.GetImageFromArray(labels.astype(np.uint32)), False))
+    contour = contour != 0
     faces = np.bincount(labels[on_face], minlength=count)
     surface = np.bincount(labels[on_face | contour], minlength=count)
     return faces / np.maximum(surface, 1)
-
-
-def _like(labels: np.ndarray, like: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(labels.astype(np.uint32))
-    image.CopyInformation(like)
-    return image
 
 
 def superior_axis(image: sitk.Image) -> tuple[int, bool]:
@@ -191,19 +193,20 @@ def _trachea_seed(lungs: np.ndarray, axis: int, up: bool, slice_area_mm2: float,
     return seed
 
 
-def _airways(
-    hu: np.ndarray, lungs: np.ndarray, seed: np.ndarray, like: sitk.Image, air_hu: float, max_voxels: float
-) -> np.ndarray:
+def _airways(hu: np.ndarray, lungs: np.ndarray, seed: np.ndarray, air_hu: float, max_voxels: float) -> np.ndarray:
     """The airway tree grown from `seed` inside `lungs`, explosion-controlled (module docstring)."""
-    airways, previous = np.zeros_like(lungs), 0
+    box = _box(lungs)
+    grown, previous = np.zeros_like(lungs[box]), 0
     for threshold in np.arange(AIRWAY_START_HU, air_hu, AIRWAY_STEP_HU):
-        labels, _ = _regions(_binary(lungs & (hu < threshold), like))
-        reached = np.unique(labels[seed & (labels > 0)])
-        grown = np.isin(labels, reached[reached > 0])
-        volume = int(grown.sum())
+        labels, _ = _regions(lungs[box] & (hu[box] < threshold))
+        reached = np.unique(labels[seed[box] & (labels > 0)])
+        candidate = np.isin(labels, reached[reached > 0])
+        volume = int(candidate.sum())
         if volume > max_voxels or (previous and volume > AIRWAY_LEAK_GROWTH * previous):
             break
-        airways, previous = grown, volume
+        grown, previous = candidate, volume
+    airways = np.zeros_like(lungs)
+    airways[box] = grown
     return airways
 
 
@@ -220,9 +223,10 @@ def count_lungs(mask: sitk.Image, settings: AutoMaskSettings) -> int:
     `junction_mm` (a distance map) until two appear."""
     inside = sitk.SignedMaurerDistanceMap(mask, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
     depth = sitk.GetArrayViewFromImage(inside)
+    depth = depth[_box(depth > 0)]
     found = 0
     for mm in np.arange(0.0, settings.junction_mm + 1e-6, min(mask.GetSpacing())):
-        labels, sizes = _regions(_binary(depth > mm, mask))
+        labels, sizes = _regions(depth > mm)
         if not sizes.any():
             break
         found = max(found, len(_lungs(labels, sizes, np.ones(len(sizes), bool), settings.second_lung_share)))
@@ -235,19 +239,19 @@ def segment_lungs(image: sitk.Image, settings: AutoMaskSettings) -> LungMask:
     """The lung mask of a CT image in Hounsfield units (module docstring); empty when none is found."""
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
-    labels, sizes = _regions(_binary(hu < settings.air_hu, image))
-    inside = _border_shares(labels, image) <= settings.max_border_share
+    labels, sizes = _regions(hu < settings.air_hu)
+    inside = _border_shares(labels) <= settings.max_border_share
     lungs = np.isin(labels, _lungs(labels, sizes, inside, settings.second_lung_share))
     axis, up = superior_axis(image)
     spacing = np.asarray(image.GetSpacing()[::-1])  # z, y, x
     seed = _trachea_seed(lungs, axis, up, float(np.prod(np.delete(spacing, axis))), settings.trachea_area_mm2)
     airway_ml = 0.0
     if seed.any():
-        airways = _airways(hu, lungs, seed, image, settings.air_hu, settings.airway_max_ml / voxel_ml)
+        airways = _airways(hu, lungs, seed, settings.air_hu, settings.airway_max_ml / voxel_ml)
         airway_ml = float(airways.sum()) * voxel_ml
         if airways.any():
             grown = sitk.BinaryDilate(_binary(airways, image), _radius(settings.airway_margin_mm, image), sitk.sitkBall)
-            labels, sizes = _regions(_binary(lungs & (sitk.GetArrayViewFromImage(grown) == 0), image))
+            labels, sizes = _regions(lungs & (sitk.GetArrayViewFromImage(grown) == 0))
             lungs = np.isin(labels, _lungs(labels, sizes, np.ones(len(sizes), bool), settings.second_lung_share))
     else:
         log.info("automatic lung mask: no trachea in the top slices; no airway removed")
