@@ -88,6 +88,9 @@ def test_cohorts_too_small_for_the_folds_are_reported_not_split():
     assert "at least 2 of each" in feasibility(labelled_cohort(0, 0, n_unlabelled=1), 5)
     assert "too few for 5 folds" in feasibility(labelled_cohort(3, 3), 5)
     assert feasibility(labelled_cohort(6, 6), 5) is None
+    # 2 + 2 in 2 folds trains on 2 subjects, one per class: LDA cannot fit it (a job failed so)
+    assert "leave 2 to train on; at least 3" in feasibility(labelled_cohort(2, 2), 2)
+    assert feasibility(labelled_cohort(3, 3), 2) is None and feasibility(labelled_cohort(2, 3), 3) is None
     with pytest.raises(ValueError, match="cannot cross-validate"):
         make_folds(labelled_cohort(1, 8), 5, seed=0)
 
