@@ -235,33 +235,39 @@ def count_lungs(mask: sitk.Image, settings: AutoMaskSettings) -> int:
     return found
 
 
+def _without_airways(
+    hu: np.ndarray, lungs: np.ndarray, image: sitk.Image, settings: AutoMaskSettings
+) -> tuple[np.ndarray, float]:
+    """The lungs less their main airways (module docstring, step 4), and the airways' volume (ml)."""
+    axis, up = superior_axis(image)
+    spacing = np.asarray(image.GetSpacing()[::-1])  # z, y, x
+    seed = _trachea_seed(lungs, axis, up, float(np.prod(np.delete(spacing, axis))), settings.trachea_area_mm2)
+    if not seed.any():
+        log.info("automatic lung mask: no trachea in the top slices; no airway removed")
+        return lungs, 0.0
+    voxel_ml = float(np.prod(spacing)) / 1000
+    airways = _airways(hu, lungs, seed, settings.air_hu, settings.airway_max_ml / voxel_ml)
+    if not airways.any():
+        return lungs, 0.0
+    grown = sitk.BinaryDilate(_binary(airways, image), _radius(settings.airway_margin_mm, image), sitk.sitkBall)
+    labels, sizes = _regions(lungs & (sitk.GetArrayViewFromImage(grown) == 0))
+    kept = np.isin(labels, _lungs(labels, sizes, np.ones(len(sizes), bool), settings.second_lung_share))
+    return kept, float(airways.sum()) * voxel_ml
+
+
 def segment_lungs(image: sitk.Image, settings: AutoMaskSettings) -> LungMask:
     """The lung mask of a CT image in Hounsfield units (module docstring); empty when none is found."""
-    voxel_ml = float(np.prod(image.GetSpacing())) / 1000
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
     labels, sizes = _regions(hu < settings.air_hu)
     inside = _border_shares(labels) <= settings.max_border_share
     lungs = np.isin(labels, _lungs(labels, sizes, inside, settings.second_lung_share))
-    axis, up = superior_axis(image)
-    spacing = np.asarray(image.GetSpacing()[::-1])  # z, y, x
-    seed = _trachea_seed(lungs, axis, up, float(np.prod(np.delete(spacing, axis))), settings.trachea_area_mm2)
-    airway_ml = 0.0
-    if seed.any():
-        airways = _airways(hu, lungs, seed, settings.air_hu, settings.airway_max_ml / voxel_ml)
-        airway_ml = float(airways.sum()) * voxel_ml
-        if airways.any():
-            grown = sitk.BinaryDilate(_binary(airways, image), _radius(settings.airway_margin_mm, image), sitk.sitkBall)
-            labels, sizes = _regions(lungs & (sitk.GetArrayViewFromImage(grown) == 0))
-            lungs = np.isin(labels, _lungs(labels, sizes, np.ones(len(sizes), bool), settings.second_lung_share))
-    else:
-        log.info("automatic lung mask: no trachea in the top slices; no airway removed")
-    mask = _binary(_fill_slices(lungs, axis), image)
+    lungs, airway_ml = _without_airways(hu, lungs, image, settings)
+    mask = _binary(_fill_slices(lungs, superior_axis(image)[0]), image)
     if settings.closing_mm > 0:
         mask = sitk.BinaryMorphologicalClosing(mask, _radius(settings.closing_mm, image), sitk.sitkBall, 1, True)
     mask = sitk.Cast(mask, sitk.sitkUInt8)
-    volume = float(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * voxel_ml
-    lungs_found = count_lungs(mask, settings) if volume else 0
-    return LungMask(mask, volume, lungs_found, airway_ml)
+    volume = float(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * float(np.prod(image.GetSpacing())) / 1000
+    return LungMask(mask, volume, count_lungs(mask, settings) if volume else 0, airway_ml)
 
 
 def planning_box(image: sitk.Image, settings: AutoMaskSettings) -> np.ndarray:
