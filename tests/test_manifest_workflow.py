@@ -189,12 +189,12 @@ def real_ct_manifest(folder: Path, data: Path, masks: bool) -> Path:
     return folder / "ct.tsv"
 
 
-@pytest.fixture(scope="module")
-def real_ct_runs(tmp_path_factory, elastix_lung_pair) -> dict[str, Path]:
+@pytest.fixture
+def real_ct_runs(tmp_path, elastix_lung_pair) -> dict[str, Path]:
     """The README's CT command, once with the expert masks and once without (minutes each)."""
     runs = {}
     for kind in ("expert", "automatic"):
-        root = tmp_path_factory.mktemp(f"real_ct_{kind}")
+        root = tmp_path / kind
         manifest = real_ct_manifest(root / "data", elastix_lung_pair, masks=kind == "expert")
         workdir = copy_workflow(root / "study")
         snakemake(workdir, "--config", f"subjects={manifest}", configfiles=(workdir / "config/ct.yaml",), timeout=3600)
