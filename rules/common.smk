@@ -12,6 +12,7 @@ from snakemake.utils import validate
 
 from lungreg import manifest, study
 from lungreg.io import InputError
+from lungreg.lungmask import AutoMaskSettings
 from lungreg.synthetic.settings import SyntheticCohortSettings, subject_table
 from lungreg.workflow import job_environment, run_problems
 
@@ -73,6 +74,7 @@ def table_path(table):
 # ----------------------------------------------------------------- the cohort
 
 FIXED_PHASE = config["pairs"]["fixed_phase"]
+AUTO_MASK = config["preprocess"]["auto_mask"]  # the lung_mask jobs' settings (a phase without a mask)
 
 
 def load_cohort():
@@ -83,7 +85,8 @@ def load_cohort():
         try:
             frame = manifest.read_manifest(config["subjects"])
             validate(frame, "../config/schemas/subjects.schema.yaml")
-            checks = manifest.check_subjects(frame, cache_path="results/.cache/input_checks.json")
+            auto_mask = AutoMaskSettings.from_config(AUTO_MASK)
+            checks = manifest.check_subjects(frame, "results/.cache/input_checks.json", auto_mask)
         except InputError as error:
             raise WorkflowError(f"bad input: {error}") from None
     else:
@@ -101,7 +104,7 @@ def preprocess_section():
     """The preprocess: section the jobs get, `grid_shape: auto` resolved for this cohort: a manifest's
     from its lung masks (`cohort_grid_shape`; each subject centred on its lungs), the synthetic
     cohort's the shape that holds its rendered field of view (it has no masks while planning)."""
-    section = dict(config["preprocess"])
+    section = {k: v for k, v in config["preprocess"].items() if k != "auto_mask"}  # rule lung_mask's, not theirs
     if section["grid_shape"] != "auto":
         outside = (
             manifest.lungs_outside_grid(CHECKS, FIXED_PHASE, section["factor"], section["grid_shape"]) if CHECKS else []
@@ -160,18 +163,33 @@ wildcard_constraints:
 # ------------------------------------------------------------------ preprocessing
 
 
+def auto_mask_phases(subject):
+    """The phases of a manifest's subject without a mask: rule lung_mask segments them."""
+    row = COHORT.set_index("subject").loc[subject]
+    return [p for p in ("inhale", "exhale") if not row[f"{p}_mask"]]
+
+
 def subject_inputs(wildcards):
-    """The raw files of one subject (so that a changed file reruns only that subject)."""
+    """The raw files of one subject (so that a changed file reruns only that subject); an automatic
+    lung mask in place of an empty mask cell."""
     row = COHORT.set_index("subject").loc[wildcards.subject]
-    items = ["inhale", "exhale", "inhale_mask", "exhale_mask"]
+    inputs = {item: row[item] for item in ["inhale", "exhale", "inhale_mask", "exhale_mask"]}
+    for phase in auto_mask_phases(wildcards.subject):
+        inputs[f"{phase}_mask"] = str(PREPROCESSED.auto_mask(wildcards.subject, phase))
     if row["inhale_landmarks"]:  # optional: "" (subjects.schema.yaml) when a subject has none
-        items += ["inhale_landmarks", "exhale_landmarks"]
-    return {item: row[item] for item in items}
+        inputs |= {item: row[item] for item in ["inhale_landmarks", "exhale_landmarks"]}
+    return inputs
+
+
+def auto_mask_image(wildcards):
+    return COHORT.set_index("subject").loc[wildcards.subject, wildcards.phase]
 
 
 def subject_qc_files(wildcards=None):
-    """Every subject's checks (crop, clipping, landmarks), gathered into results/tables/qc.tsv."""
-    return [str(PREPROCESSED.qc(s)) for s in SUBJECTS]
+    """Every subject's checks (crop, clipping, landmarks; an automatic mask's), gathered into
+    results/tables/qc.tsv."""
+    automatic = [str(PREPROCESSED.auto_mask_qc(s, p)) for s in SUBJECTS for p in auto_mask_phases(s)]
+    return [str(PREPROCESSED.qc(s)) for s in SUBJECTS] + automatic
 
 
 def preprocessed_files(subject, phase):
@@ -374,19 +392,43 @@ def baseline_options(wildcards):
 # ----------------------------------------------------------------- classification
 
 CLASSIFY = config["classify"]
-CLASSIFY_METHOD = CLASSIFY["method"]  # the field source of results/tables/classification.tsv
-CLASSIFY_SOURCES = [CLASSIFY_METHOD, *[s for s in CLASSIFY["sources"] if s != CLASSIFY_METHOD]]
+GROUND_TRUTH = study.GROUND_TRUTH
+
+
+def classify_method():
+    """classify.method, `auto` resolved: the refined row of the first network variant where it
+    registers inhale_exhale, else that variant's single pass."""
+    if CLASSIFY["method"] != "auto":
+        return CLASSIFY["method"]
+    refined = study.refined_method(VARIANTS[0])
+    return refined if (refined, "inhale_exhale") in method_protocols() else VARIANTS[0]
+
+
+def classify_sources():
+    """The field sources, classify.method first; classify.sources' `auto`: the first network variant's
+    rows, and the ground truth where it exists (the synthetic cohort; a manifest has no exact fields)."""
+    sources = CLASSIFY["sources"]
+    if sources == "auto":
+        registered = [m for m, p in method_protocols() if p == "inhale_exhale"]
+        sources = [m for m in NETWORK_ROWS if study.METHOD[m].model == VARIANTS[0] and m in registered]
+        sources += [GROUND_TRUTH] if SYNTHETIC_COHORT else []
+    return [CLASSIFY_METHOD, *[s for s in sources if s != CLASSIFY_METHOD]]
+
+
+CLASSIFY_METHOD = classify_method()  # the field source of results/tables/classification.tsv
+CLASSIFY_SOURCES = classify_sources()
 CLASSIFY_FOLDS = CLASSIFY["folds"]
 CLASSIFY_REPEATS = CLASSIFY["repeats"]
 CLASSIFY_CLASSIFIERS = CLASSIFY["classifiers"]
 CLASSIFY_LABELLED = study.labelled_subjects(COHORT)
-GROUND_TRUTH = study.GROUND_TRUTH
 
 
-def source_problem(source):
-    """Why `source` has no inhale-exhale field for every labelled subject, or None."""
+def source_problem(source, key):
+    """Why `source` (asked for by classify.`key`) has no inhale-exhale field for every labelled
+    subject, with the fix; None when it has."""
     if source == GROUND_TRUTH:
-        return None if SYNTHETIC_COHORT else "ground_truth exists for the synthetic cohort only"
+        fix = f"remove it from classify.{key}, or set classify.{key}: auto"
+        return None if SYNTHETIC_COHORT else f"ground_truth exists for the synthetic cohort only; {fix}"
     if (source, "inhale_exhale") not in method_protocols():
         return f"{source} does not register the inhale_exhale protocol in this configuration"
     covered = {p.fixed_subject for _, pairs in chunks_of(source, "inhale_exhale") for p in pairs}
@@ -411,9 +453,13 @@ CLASSIFY_SKIP = classification_skip_reason()
 if CLASSIFY_SKIP:
     logger.warning(f"ILD classification: {CLASSIFY_SKIP}")
 else:
-    for source in CLASSIFY_SOURCES:
-        if source_problem(source):
-            raise WorkflowError(f"classify: field source {source}: {source_problem(source)}")
+    if CLASSIFY["sources"] == "auto":
+        left_out = "" if SYNTHETIC_COHORT else f" ({GROUND_TRUTH} left out: it exists for the synthetic cohort only)"
+        logger.info(f"classify: sources auto: {', '.join(CLASSIFY_SOURCES)}{left_out}")
+    for key, sources in (("method", CLASSIFY_SOURCES[:1]), ("sources", CLASSIFY_SOURCES[1:])):
+        for source in sources:
+            if source_problem(source, key):
+                raise WorkflowError(f"classify: {key}: field source {source}: {source_problem(source, key)}")
 
 
 def classification_parts():
@@ -496,7 +542,7 @@ def classify_source_summaries(wildcards=None):
 
 # ------------------------------------------------------------------------- report
 
-REPORT_METHOD = config["report"]["method"]
+REPORT_METHOD = VARIANTS[0] if config["report"]["method"] == "auto" else config["report"]["method"]
 
 
 def report_pair_folders():

@@ -1,6 +1,26 @@
 # Clip, scale and resample both phases of a subject onto one common grid (one job per subject).
 
 
+# The lung mask of a manifest's phase whose mask cell is empty (CT only): on the image's own grid,
+# then preprocessed like a given mask; its checks (volume, lungs found) go to qc.tsv.
+rule lung_mask:
+    input:
+        image=auto_mask_image,
+    output:
+        mask=str(PREPROCESSED.auto_mask("{subject}", "{phase}")),
+        qc=str(PREPROCESSED.auto_mask_qc("{subject}", "{phase}")),
+    log:
+        log_path("lung_mask/{subject}_{phase}"),
+    benchmark:
+        benchmark_path("lung_mask/{subject}_{phase}")
+    conda:
+        "../envs/imaging.yaml"
+    params:
+        settings=AUTO_MASK,
+    script:
+        "../scripts/lung_mask.py"
+
+
 rule preprocess:
     input:
         unpack(subject_inputs),

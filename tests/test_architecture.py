@@ -19,7 +19,7 @@ PACKAGE = REPO / "src" / "lungreg"
 # Lowest first. A module imports from its own layer or a lower one, never from a higher one.
 LAYERS = [
     ["lungreg.io", "lungreg.geometry", "lungreg.config", "lungreg.study", "lungreg.workflow"],  # the vocabulary
-    ["lungreg.metrics", "lungreg.manifest", "lungreg.torch_io", "lungreg.plots"],  # shared tools
+    ["lungreg.metrics", "lungreg.lungmask", "lungreg.manifest", "lungreg.torch_io", "lungreg.plots"],  # shared tools
     ["lungreg.preprocess", "lungreg.synthetic", "lungreg.network"],  # the data and the network
     ["lungreg.evaluate"],  # scoring one pair, the same for every method
     ["lungreg.registration", "lungreg.classify", "lungreg.tables"],  # methods, classifiers, tables

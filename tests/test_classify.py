@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,9 @@ from lungreg.classify.summary import (
     fast_metric,
     permutation_p_value,
     repeated_metric,
+    subject_matrix,
     summarize,
+    summary_table,
 )
 from lungreg.geometry import Grid
 from lungreg.study import feasibility
@@ -85,6 +88,9 @@ def test_cohorts_too_small_for_the_folds_are_reported_not_split():
     assert "at least 2 of each" in feasibility(labelled_cohort(0, 0, n_unlabelled=1), 5)
     assert "too few for 5 folds" in feasibility(labelled_cohort(3, 3), 5)
     assert feasibility(labelled_cohort(6, 6), 5) is None
+    # 2 + 2 in 2 folds trains on 2 subjects, one per class: LDA cannot fit it (a job failed so)
+    assert "leave 2 to train on; at least 3" in feasibility(labelled_cohort(2, 2), 2)
+    assert feasibility(labelled_cohort(3, 3), 2) is None and feasibility(labelled_cohort(2, 3), 3) is None
     with pytest.raises(ValueError, match="cannot cross-validate"):
         make_folds(labelled_cohort(1, 8), 5, seed=0)
 
@@ -177,24 +183,27 @@ def test_fast_metrics_equal_scikit_learns_with_ties():
     assert np.isnan(fast_metric("auc", np.ones(5, int), p[:5]))
 
 
-def test_bootstrap_interval_is_scipys_percentile_bootstrap_of_the_subjects():
-    """With one repeat, the interval equals scipy.stats.bootstrap over the subjects with
-    scikit-learn's metric, drawn from the same generator."""
+def test_bootstrap_interval_is_scipys_percentile_bootstrap_within_each_class():
+    """With one repeat, the interval equals scipy.stats.bootstrap of scikit-learn's metric with the
+    healthy and the ILD subjects as two samples resampled independently (`paired=False`: a stratified
+    bootstrap), drawn from the same generator."""
     from scipy import stats
 
     rng = np.random.default_rng(5)
     y = rng.integers(0, 2, 41)
     p = np.clip(0.3 * y + 0.7 * rng.random(41), 0, 1)
+    classes = (np.flatnonzero(y == 0), np.flatnonzero(y == 1))
     for name, metric in (
         ("auc", lambda i: skm.roc_auc_score(y[i], p[i])),
         ("balanced_accuracy", lambda i: skm.balanced_accuracy_score(y[i], p[i] >= 0.5)),
     ):
         ours = bootstrap_interval(name, y, p[None], resamples=1000, seed=7)
         reference = stats.bootstrap(
-            (np.arange(41),),
-            lambda i: metric(np.asarray(i, int)),
+            classes,
+            lambda healthy, ild: metric(np.concatenate([healthy, ild]).astype(int)),
             n_resamples=1000,
             vectorized=False,
+            paired=False,
             method="percentile",
             rng=np.random.default_rng(7),
         ).confidence_interval
@@ -203,6 +212,46 @@ def test_bootstrap_interval_is_scipys_percentile_bootstrap_of_the_subjects():
     probabilities = np.stack([p, np.clip(p + 0.1 * rng.standard_normal(41), 0, 1)])
     low, high = bootstrap_interval("auc", y, probabilities, resamples=1000, seed=7)
     assert low < repeated_metric("auc", y, probabilities) < high
+
+
+@pytest.mark.parametrize("n_healthy, n_ild", [(8, 8), (3, 13)])
+def test_small_and_unbalanced_cohorts_get_every_interval_finite_and_in_range(n_healthy, n_ild):
+    """The workflow's defaults (5 folds, 5 repeats, 2000 resamples) on 16 subjects: every quoted
+    interval exists and lies in [0, 1] around its figure. An unstratified resample of 3 + 13 subjects
+    lacks the healthy class once in 28 draws ((13/16)^16), so its percentile interval is NaN (below)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(n_healthy)
+    folds = make_folds(labelled_cohort(n_healthy, n_ild), 5, seed=0, repeats=5)
+    probability = np.clip(0.5 * rng.random(len(folds)) + 0.3 * (folds["label"] == "ILD"), 0, 1)
+    predictions = pd.concat(
+        [
+            predictions_frame(part, 0, probability[part.index], int(repeat)).assign(fold=part["fold"].to_numpy())
+            for repeat, part in folds.groupby("repeat")
+        ],
+        ignore_index=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # e.g. "Mean of empty slice" from a one-class resample
+        table = summary_table({"logistic": predictions}, resamples=2000, permutations=200, seed=2018)
+    quoted = table[(table["repeat"] == "all") & (table["fold"] == "pooled")].iloc[0]
+    for metric in ("accuracy", "balanced_accuracy", "auc"):
+        low, high = quoted[f"{metric}_ci_low"], quoted[f"{metric}_ci_high"]
+        assert np.isfinite([low, high]).all(), metric
+        assert 0 <= low <= quoted[metric] <= high <= 1, metric
+    if n_healthy == 3:
+        y, probabilities, _ = subject_matrix(predictions)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            unstratified = stats.bootstrap(
+                (np.arange(len(y)),),
+                lambda i: repeated_metric("auc", y[np.asarray(i, int)], probabilities[:, np.asarray(i, int)]),
+                n_resamples=2000,
+                vectorized=False,
+                method="percentile",
+                rng=np.random.default_rng(2018),
+            )
+        assert np.isnan(unstratified.confidence_interval.low)
 
 
 def test_permutation_p_value_is_small_for_a_real_signal_and_not_for_none():
@@ -562,6 +611,65 @@ def test_a_field_source_that_misses_labelled_subjects_stops_planning(tmp_path):
     assert result.returncode != 0
     assert "field source syn: syn registers no inhale-exhale pair of" in result.stdout + result.stderr
     assert "subjects: all" in result.stdout + result.stderr
+
+
+def small_labelled_manifest(folder: Path, labels: list[str]) -> Path:
+    """A manifest of small real files (random CT-like values, a box mask per phase): enough to plan."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, rng = [], np.random.default_rng(0)
+    for number, label in enumerate(labels, start=1):
+        row = {"subject": f"s{number:02d}", "label": label}
+        for phase in ("inhale", "exhale"):
+            image = sitk.GetImageFromArray(rng.uniform(-1000, 300, (8, 10, 12)).astype(np.float32))
+            mask = sitk.GetImageFromArray(np.pad(np.ones((4, 6, 8), np.uint8), 2))
+            for name, item in (
+                (f"{row['subject']}_{phase}.nii.gz", image),
+                (f"{row['subject']}_{phase}_mask.mha", mask),
+            ):
+                item.SetSpacing((8.0, 8.0, 10.0))
+                sitk.WriteImage(item, str(folder / name))
+            row |= {phase: f"{row['subject']}_{phase}.nii.gz", f"{phase}_mask": f"{row['subject']}_{phase}_mask.mha"}
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(folder / "subjects.tsv", sep="\t", index=False)
+    return folder / "subjects.tsv"
+
+
+def plan_manifest(tmp_path: Path, config: str = "") -> subprocess.CompletedProcess:
+    """`snakemake -n` of a labelled manifest with the default configuration (config/config.yaml), plus `config`."""
+    manifest = small_labelled_manifest(tmp_path / "data", ["healthy"] * 3 + ["ILD"] * 5)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(config or "{}\n")
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "run"), "-n"]
+    command += ["--configfile", str(extra), "--config", f"subjects={manifest}"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_a_labelled_manifest_plans_its_classification_with_the_default_configuration(tmp_path):
+    """classify: method and sources auto: the refined network row and its single pass; the ground
+    truth exists for the synthetic cohort only, so a manifest leaves it out with a note."""
+    result = plan_manifest(tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "classify: sources auto: proposed_refined, proposed (ground_truth left out" in output
+    sources = set(re.findall(r"wildcards: source=(\w+), classifier=", output))
+    assert sources == {"proposed_refined", "proposed"}
+    # without refinement, auto is the single pass (the schema's old default, proposed_refined, stopped here)
+    result = plan_manifest(tmp_path / "single", "refine: {stages: []}\n")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "classify: sources auto: proposed (ground_truth" in output
+    assert set(re.findall(r"wildcards: source=(\w+), classifier=", output)) == {"proposed"}
+
+
+def test_a_field_source_a_manifest_cannot_have_stops_planning_naming_the_key_and_the_fix(tmp_path):
+    result = plan_manifest(tmp_path, "classify: {sources: [proposed, ground_truth]}\n")
+    assert result.returncode != 0
+    assert (
+        "classify: sources: field source ground_truth: ground_truth exists for the synthetic cohort only; "
+        "remove it from classify.sources, or set classify.sources: auto"
+    ) in result.stdout + result.stderr
 
 
 def test_dry_run_of_a_cohort_too_small_skips_classification(tmp_path):

@@ -14,6 +14,7 @@ from workflow_runner import REPO
 from lungreg.classify.cnn import CnnSettings
 from lungreg.classify.tabular import sklearn_classifier
 from lungreg.config import settings_from
+from lungreg.lungmask import AutoMaskSettings
 from lungreg.network.losses import LossSettings
 from lungreg.network.model import Acceleration, ModelSettings
 from lungreg.network.refine import RefineSettings
@@ -84,7 +85,10 @@ def assert_library_agrees(cls, section: dict, given: dict | None = None) -> None
 def test_the_library_keeps_no_default_the_schema_does_not_have(schema_defaults):
     config = schema_defaults
     assert SyntheticCohortSettings.from_config(config["synthetic"]) == SyntheticCohortSettings()
-    assert_library_agrees(PreprocessSettings, config["preprocess"], {"reference_phase": config["pairs"]["fixed_phase"]})
+    preprocess = {k: v for k, v in config["preprocess"].items() if k != "auto_mask"}  # rule lung_mask's settings
+    assert_library_agrees(PreprocessSettings, preprocess, {"reference_phase": config["pairs"]["fixed_phase"]})
+    assert_library_agrees(AutoMaskSettings, config["preprocess"]["auto_mask"])
+    assert set(config["preprocess"]["auto_mask"]) == set(library_defaults(AutoMaskSettings))
     assert_library_agrees(SplitSettings, config["split"])
     assert library_defaults(PreprocessSettings)["reference_phase"] == config["pairs"]["fixed_phase"]
     assert_library_agrees(ModelSettings, config["model"])
@@ -147,7 +151,8 @@ def test_validate_fills_nested_sections_and_defaults_beside_a_ref():
     assert config["baselines"]["syn"]["syn_iterations"] == [40, 20, 10]  # its own properties
     assert config["baselines"]["syn"]["crop_margin_mm"] == 20.0  # the shared ones, through $ref
     assert config["baselines"]["sitk_demons"]["linear_iterations"] == 200  # both $refs
-    assert config["classify"]["cnn"]["epochs"] == 150 and config["report"] == {"method": "proposed", "subjects": 3}
+    assert config["classify"]["cnn"]["epochs"] == 150 and config["report"] == {"method": "auto", "subjects": 3}
+    assert config["classify"]["method"] == "auto" and config["classify"]["sources"] == "auto"  # resolved by the rules
     assert config["synthetic"]["n_subjects"] == 41 and config["pairs"]["fixed_phase"] == "exhale"
     assert config["split"]["n_validation"] is None and config["preprocess"]["max_mask_crop"] == 0.01
 
@@ -177,7 +182,7 @@ def test_the_ct_preset_validates_and_sets_a_ct_window_and_the_auto_grid(config):
     ct = yaml.safe_load((REPO / "config" / "ct.yaml").read_text())
     merged = effective({k: ({**config[k], **v} if isinstance(v, dict) else v) for k, v in {**config, **ct}.items()})
     assert merged["preprocess"]["grid_shape"] == "auto" and merged["preprocess"]["intensity_range"][0] <= -1000
-    PreprocessSettings.from_config(merged["preprocess"], "exhale")
+    PreprocessSettings.from_config({k: v for k, v in merged["preprocess"].items() if k != "auto_mask"}, "exhale")
 
 
 def test_the_bending_refinement_preset_validates_and_changes_only_the_regularisers(config):
@@ -210,6 +215,6 @@ def test_the_rules_take_no_default_of_their_own():
 def test_the_schema_lists_what_the_registries_list():
     schema = yaml.safe_load(SCHEMA.read_text())["properties"]
     assert schema["network"]["properties"]["variants"]["items"]["enum"] == list(NETWORK_VARIANTS)
-    assert schema["classify"]["properties"]["method"]["enum"] == list(FIELD_SOURCES)
+    assert schema["classify"]["properties"]["method"]["oneOf"][0]["enum"] == list(FIELD_SOURCES)
     assert schema["classify"]["properties"]["classifiers"]["items"]["enum"] == [c.name for c in CLASSIFIERS]
     assert list(schema["baselines"]["properties"]) == list(BASELINE_METHODS) == list(OPTIONS)

@@ -117,15 +117,16 @@ def test_schema_accepts_read_manifest_rows_and_rejects_bad_ones(tmp_path):
         with pytest.raises(WorkflowError):
             validate(bad, str(SCHEMA))
     with pytest.raises(WorkflowError):
-        validate(frame.drop(columns=["exhale_mask"]), str(SCHEMA))
+        validate(frame.drop(columns=["exhale"]), str(SCHEMA))
+    validate(frame.drop(columns=["inhale_mask", "exhale_mask"]), str(SCHEMA))  # CT: masks segmented
 
 
 def test_missing_manifest_and_missing_column(tmp_path):
     with pytest.raises(InputError, match="manifest not found"):
         read_manifest(tmp_path / "nope.tsv")
     files = make_subject(tmp_path)
-    row = {k: v for k, v in row_of("s01", files).items() if k != "exhale_mask"}
-    with pytest.raises(InputError, match="missing required column.*exhale_mask"):
+    row = {k: v for k, v in row_of("s01", files).items() if k != "exhale"}
+    with pytest.raises(InputError, match="missing required column.*exhale"):
         read_manifest(write_manifest(tmp_path / "subjects.tsv", [row]))
 
 

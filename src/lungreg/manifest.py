@@ -2,10 +2,12 @@
 
 A tab-separated file with one row per subject and the columns
 
-    subject  label  inhale  exhale  inhale_mask  exhale_mask  [inhale_landmarks  exhale_landmarks]
+    subject  label  inhale  exhale  [inhale_mask  exhale_mask  inhale_landmarks  exhale_landmarks]
 
-`label` is `healthy`, `ILD` or empty (unlabeled); the landmark columns are optional and may be
-empty per row. Paths are relative to the manifest's folder (absolute paths are fine too).
+`label` is `healthy`, `ILD` or empty (unlabeled); the mask and landmark columns are optional and
+may be empty per row. An empty mask means "segment the lungs" (CT only, `lungreg.lungmask`): the
+checks then segment the image, averaged down, for the box of its lungs (`grid_shape: auto`).
+Paths are relative to the manifest's folder (absolute paths are fine too).
 
 `read_manifest` checks the table itself; `check_subjects` opens every file and checks what the
 workflow relies on, raising `InputError` (one line: subject, file, problem) on the first
@@ -18,6 +20,7 @@ same checks on what it reads, before it writes anything.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -33,16 +36,17 @@ import SimpleITK as sitk
 
 from .geometry import Grid, common_grid, covering_shape, mask_box_corners, region_corners
 from .io import InputError, read_image, read_landmarks, write_text
+from .lungmask import AutoMaskSettings, check_ct, planning_box
 
 log = logging.getLogger(__name__)
 
 PHASES = ("inhale", "exhale")
-REQUIRED_COLUMNS = ("subject", "label", "inhale", "exhale", "inhale_mask", "exhale_mask")
-OPTIONAL_COLUMNS = ("inhale_landmarks", "exhale_landmarks")
-PATH_COLUMNS = ("inhale", "exhale", "inhale_mask", "exhale_mask", *OPTIONAL_COLUMNS)
+REQUIRED_COLUMNS = ("subject", "label", "inhale", "exhale")
+OPTIONAL_COLUMNS = ("inhale_mask", "exhale_mask", "inhale_landmarks", "exhale_landmarks")  # "" when absent
+PATH_COLUMNS = ("inhale", "exhale", *OPTIONAL_COLUMNS)
 LABELS = ("healthy", "ILD")
 SUBJECT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-CACHE_VERSION = 2  # 2: masks' lung boxes
+CACHE_VERSION = 3  # 2: masks' lung boxes; 3: automatic masks' boxes
 
 
 # ---------------------------------------------------------------------------- manifest
@@ -264,13 +268,15 @@ class SubjectCheck:
     excluded: int  # the others
     grids: dict[str, Grid] = field(default_factory=dict, compare=False)  # by phase
     lung_corners: dict[str, np.ndarray] = field(default_factory=dict, compare=False)  # mask boxes, (8, 3) mm
+    auto_masks: tuple[str, ...] = ()  # the phases without a mask: segmented automatically
 
     def line(self) -> str:
+        auto = f"; automatic lung mask: {', '.join(self.auto_masks)}" if self.auto_masks else ""
         if not self.landmarks:
-            return f"subject {self.subject}: no landmarks"
+            return f"subject {self.subject}: no landmarks{auto}"
         return (
             f"subject {self.subject}: {self.in_view} of {self.landmarks} landmark pairs in view in "
-            f"both phases, {self.excluded} excluded"
+            f"both phases, {self.excluded} excluded{auto}"
         )
 
 
@@ -324,11 +330,26 @@ def _landmark_facts(subject: str, path: str) -> dict:
     return {"points": read_landmarks(path, subject).tolist()}
 
 
+def _auto_mask_facts(subject: str, path: str, phase: str, settings: AutoMaskSettings) -> dict:
+    """The lung box of an image without a mask, from its automatic mask (`lungmask.planning_box`)."""
+    image = read_image(path, subject)
+    check_ct(subject, path, image, phase)
+    corners = planning_box(image, settings)
+    if not len(corners):
+        raise InputError(subject, path, f"{phase}: the automatic lung mask found no lung; give {phase}_mask")
+    return {"lung_corners": corners.tolist()}
+
+
 FACT_READERS: dict[str, Callable[[str, str], dict]] = {
     "image": _image_facts,
     "mask": _mask_facts,
     "landmarks": _landmark_facts,
 }
+
+
+def _settings_key(settings: AutoMaskSettings) -> str:
+    """A digest of the automatic mask's settings: changing one checks the images again."""
+    return hashlib.sha1(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def file_signature(subject: str, path: str | os.PathLike) -> list:
@@ -352,7 +373,8 @@ class _FactStore:
         self.cached, self.fresh = cached, {}
         self.read = self.skipped = 0
 
-    def get(self, kind: str, subject: str, path: str) -> dict:
+    def get(self, kind: str, subject: str, path: str, read: Callable[[str, str], dict] | None = None) -> dict:
+        """`kind`'s facts (FACT_READERS) about the file, or `read`'s (then `kind` names them, settings included)."""
         key = f"{kind}:{os.path.abspath(path)}"
         signature = file_signature(subject, path)  # before reading: a later change is noticed
         entry = self.cached.get(key)
@@ -360,7 +382,7 @@ class _FactStore:
             facts = entry["facts"]
             self.skipped += 1
         else:
-            facts = FACT_READERS[kind](subject, path)
+            facts = (read or FACT_READERS[kind])(subject, path)
             self.read += 1
         self.fresh[key] = {"signature": signature, "facts": facts}
         return facts
@@ -386,15 +408,26 @@ def _save_cache(path: str | os.PathLike, entries: Mapping[str, dict]) -> None:
 # ------------------------------------------------------------------- check subjects
 
 
-def _check_row(row: Mapping[str, str], facts: _FactStore) -> SubjectCheck:
+def _lung_corners(
+    row: Mapping[str, str], phase: str, grid: Grid, facts: _FactStore, auto: AutoMaskSettings
+) -> np.ndarray:
+    """The box of a phase's lung mask: the given mask's (checked against its image), or the automatic one's."""
+    subject, mask_path = row["subject"], row.get(f"{phase}_mask", "")
+    if not mask_path:
+        read = functools.partial(_auto_mask_facts, phase=phase, settings=auto)
+        automatic = facts.get(f"auto_mask.{_settings_key(auto)}", subject, row[phase], read)
+        return np.asarray(automatic["lung_corners"], float).reshape(-1, 3)
+    mask_facts = facts.get("mask", subject, mask_path)
+    check_mask_grid(subject, mask_path, _grid_from_json(mask_facts["grid"]), row[phase], grid)
+    return np.asarray(mask_facts["lung_corners"], float).reshape(-1, 3)
+
+
+def _check_row(row: Mapping[str, str], facts: _FactStore, auto: AutoMaskSettings) -> SubjectCheck:
     subject = row["subject"]
     grids = {phase: _grid_from_json(facts.get("image", subject, row[phase])["grid"]) for phase in PHASES}
-    corners = {}
-    for phase in PHASES:
-        mask_facts = facts.get("mask", subject, row[f"{phase}_mask"])
-        check_mask_grid(subject, row[f"{phase}_mask"], _grid_from_json(mask_facts["grid"]), row[phase], grids[phase])
-        corners[phase] = np.asarray(mask_facts["lung_corners"], float).reshape(-1, 3)
-    geometry = {"grids": grids, "lung_corners": corners}
+    corners = {phase: _lung_corners(row, phase, grids[phase], facts, auto) for phase in PHASES}
+    automatic = tuple(phase for phase in PHASES if not row.get(f"{phase}_mask", ""))
+    geometry = {"grids": grids, "lung_corners": corners, "auto_masks": automatic}
     paths = {phase: row.get(f"{phase}_landmarks", "") for phase in PHASES}
     check_landmark_columns(subject, paths["inhale"], paths["exhale"])
     if not paths["inhale"]:
@@ -409,15 +442,19 @@ def _check_row(row: Mapping[str, str], facts: _FactStore) -> SubjectCheck:
     return SubjectCheck(subject, row.get("label", ""), total, in_view, total - in_view, **geometry)
 
 
-def check_subjects(frame: pd.DataFrame, cache_path: str | os.PathLike | None = None) -> CheckReport:
+def check_subjects(
+    frame: pd.DataFrame, cache_path: str | os.PathLike | None = None, auto_mask: AutoMaskSettings | None = None
+) -> CheckReport:
     """Open every file of every subject of `frame` (from `read_manifest`) and check it.
 
-    Raises `InputError` on the first problem. With `cache_path`, files whose (absolute path,
-    size, mtime_ns) are in the JSON cache are not read again; the cache is (re)written,
-    atomically, only when every check passed.
+    A phase without a mask is segmented (`auto_mask`, CT only) for the box of its lungs. Raises
+    `InputError` on the first problem. With `cache_path`, files whose (absolute path, size,
+    mtime_ns) are in the JSON cache are not read again (an automatic mask's box: with the same
+    settings); the cache is (re)written, atomically, only when every check passed.
     """
     facts = _FactStore(_load_cache(cache_path))
-    subjects = tuple(_check_row(row, facts) for row in frame.to_dict("records"))
+    auto = auto_mask or AutoMaskSettings()
+    subjects = tuple(_check_row(row, facts, auto) for row in frame.to_dict("records"))
     if cache_path is not None:
         _save_cache(cache_path, facts.fresh)
     report = CheckReport(subjects, facts.read, facts.skipped)

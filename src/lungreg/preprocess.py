@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from . import geometry, manifest
+from . import geometry, lungmask, manifest
 from .config import settings_from
 from .geometry import Grid, common_grid, grid_around, mask_box_corners, region_corners, resample
 from .io import InputError, read_image, read_landmark_names, read_landmarks, write_image, write_table, write_text
@@ -141,6 +141,12 @@ class PreprocessSummary:
 # One row per check of a subject (and, in results/tables/qc.tsv, per flagged pair and method):
 # `value` the measurement, `limit` the setting it is held against, `problem` whether it is one.
 QC_COLUMNS = ["subject", "phase", "method", "protocol", "pair", "check", "value", "limit", "problem", "message"]
+
+
+def qc_row(subject: str, phase: str, check: str, value: float, limit: float, problem: bool, message: str) -> dict:
+    """A subject's check as a row of qc.tsv (the message only where it is a problem)."""
+    values = (subject, phase, "", "", "", check, value, limit, problem, message if problem else "")
+    return dict(zip(QC_COLUMNS, values))
 
 
 # ------------------------------------------------------------------------ intensities
@@ -320,8 +326,7 @@ def _checks(
     rows, stops, lost, clipped = [], [], {}, {}
 
     def row(phase: str, check: str, value: float, limit: float, problem: bool, message: str = "") -> None:
-        values = (subject, phase, "", "", "", check, value, limit, problem, message if problem else "")
-        rows.append(dict(zip(QC_COLUMNS, values)))
+        rows.append(qc_row(subject, phase, check, value, limit, problem, message))
 
     shape = " x ".join(map(str, grid.shape))
     spacing = " x ".join(f"{s:.3g}" for s in grid.spacing)
@@ -339,9 +344,9 @@ def _checks(
         below, above, median = lung_clipping(phases[phase].image, phases[phase].mask, low, high)
         clipped[phase] = (below, above)
         for end, share in (("below", below), ("above", above)):
-            hint = (  # lungs below -200 are CT (Hounsfield units); a window starting above -500 is not a CT one
+            hint = (  # the automatic mask's test for CT; a window starting above -500 is not a CT one
                 " these look like CT Hounsfield units: use --configfile config/ct.yaml (a CT window)"
-                if median < -200 and low > -500
+                if lungmask.looks_like_ct(phases[phase].image) and low > -500
                 else " set preprocess.intensity_range to the images' window"
             )
             message = (
@@ -405,3 +410,58 @@ def preprocess_subject(
     summary = PreprocessSummary(subject, grid, total, int(in_view.sum()), total - int(in_view.sum()), lost, clipped)
     log.info(summary.line())
     return summary
+
+
+# ------------------------------------------------------------------- automatic lung mask
+
+
+def auto_mask_checks(
+    subject: str, phase: str, result: lungmask.LungMask, settings: lungmask.AutoMaskSettings, path: str | os.PathLike
+) -> list[dict]:
+    """The QC rows of an automatic lung mask: its volume (ml) against both limits, and the lungs found."""
+    fix, volume = f"check {path}, or give {phase}_mask a lung mask", result.volume_ml
+    rows = []
+    for end, key, limit, problem in (
+        ("low", "min_volume_ml", settings.min_volume_ml, volume < settings.min_volume_ml),
+        ("high", "max_volume_ml", settings.max_volume_ml, volume > settings.max_volume_ml),
+    ):
+        relation = "below" if end == "low" else "above"
+        setting = f"preprocess.auto_mask.{key} ({limit:g} ml)"
+        message = f"{phase}: the automatic lung mask holds {volume:.0f} ml, {relation} {setting}; {fix}"
+        rows.append(qc_row(subject, phase, f"auto_mask_volume_{end}", volume, limit, problem, message))
+    message = (
+        f"{phase}: the automatic lung mask found {result.lungs} lung(s), not two (one lung outside the field of "
+        f"view, or the lungs joined deeper than preprocess.auto_mask.junction_mm); {fix}"
+    )
+    rows.append(qc_row(subject, phase, "auto_mask_lungs", result.lungs, 2, result.lungs < 2, message))
+    return rows
+
+
+def auto_lung_mask(
+    subject: str,
+    phase: str,
+    image_path: str | os.PathLike,
+    settings: lungmask.AutoMaskSettings,
+    mask_out: str | os.PathLike,
+    qc_out: str | os.PathLike,
+) -> lungmask.LungMask:
+    """The automatic lung mask of a phase without a mask (`lungreg.lungmask`): written on the image's
+    own grid to `mask_out` (then preprocessed like a given mask), its checks to `qc_out` (qc.tsv).
+    Refuses an image that is not CT in Hounsfield units, or where no lung is found (InputError)."""
+    image = read_image(image_path, subject)
+    manifest.check_image(subject, image_path, image)
+    lungmask.check_ct(subject, image_path, image, phase)
+    result = lungmask.segment_lungs(image, settings)
+    if not result.volume_ml:
+        raise InputError(subject, image_path, f"{phase}: the automatic lung mask found no lung; give {phase}_mask")
+    rows = auto_mask_checks(subject, phase, result, settings, mask_out)
+    for row in rows:
+        if row["problem"]:
+            log.warning("subject %s, %s", subject, row["message"])
+    write_image(result.mask, mask_out)
+    write_table(pd.DataFrame(rows, columns=QC_COLUMNS), qc_out)
+    log.info(
+        "subject %s, %s: automatic lung mask %.0f ml, %d lung(s), %.0f ml of main airways removed",
+        subject, phase, result.volume_ml, result.lungs, result.airway_ml,
+    )  # fmt: skip
+    return result

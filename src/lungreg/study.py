@@ -12,6 +12,7 @@ statistics is an estimator (lungreg.classify.tabular) and one line in `CLASSIFIE
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,6 +309,14 @@ class PreprocessedLayout:
         """The subject's checks (lungreg.preprocess.QC_COLUMNS): crop, clipping, landmarks in view."""
         return Path(self.root) / subject / "qc.tsv"
 
+    def auto_mask(self, subject: str, phase: str) -> Path:
+        """The automatic lung mask of a phase without one, on its image's own grid (lungreg.lungmask)."""
+        return Path(self.root) / subject / f"{phase}_auto_mask.nii.gz"
+
+    def auto_mask_qc(self, subject: str, phase: str) -> Path:
+        """The automatic mask's checks (volume, lungs found), gathered into qc.tsv."""
+        return Path(self.root) / subject / f"{phase}_auto_mask_qc.tsv"
+
 
 # ------------------------------------------------------------------- classification
 
@@ -322,8 +331,9 @@ def labelled_subjects(cohort: pd.DataFrame) -> pd.DataFrame:
 def feasibility(cohort: pd.DataFrame, n_folds: int) -> str | None:
     """Why `n_folds`-fold classification of `cohort` is impossible, or None when it is possible.
 
-    Needs at least 2 subjects of each class (so that every training fold holds both classes)
-    and at least `n_folds` subjects in the larger class (scikit-learn's stratified k-fold).
+    Needs at least 2 subjects of each class (so that every training fold holds both classes),
+    at least `n_folds` subjects in the larger class (scikit-learn's stratified k-fold), and at
+    least 3 subjects in every training fold (more than the 2 classes: LDA needs it).
     """
     counts = labelled_subjects(cohort)["label"].value_counts()
     n_healthy, n_ild = int(counts.get(NEGATIVE, 0)), int(counts.get(POSITIVE, 0))
@@ -335,5 +345,11 @@ def feasibility(cohort: pd.DataFrame, n_folds: int) -> str | None:
         return (
             f"{n_healthy} healthy and {n_ild} ILD subjects are too few for {n_folds} folds "
             f"(the larger class needs at least {n_folds})"
+        )
+    n_subjects = n_healthy + n_ild
+    if n_subjects - math.ceil(n_subjects / n_folds) < 3:
+        return (
+            f"{n_subjects} labelled subjects in {n_folds} folds leave "
+            f"{n_subjects - math.ceil(n_subjects / n_folds)} to train on; at least 3 are needed"
         )
     return None

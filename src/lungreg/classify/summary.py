@@ -101,22 +101,31 @@ def repeated_metric(name: str, y: np.ndarray, probabilities: np.ndarray) -> floa
 def bootstrap_interval(
     name: str, y: np.ndarray, probabilities: np.ndarray, resamples: int, seed: int, confidence: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of `repeated_metric` over the subjects (scipy.stats.bootstrap).
+    """Percentile bootstrap interval of `repeated_metric` over the subjects, stratified by label.
 
-    A resample draws subjects with replacement (the uncertainty that dominates with a few dozen
-    subjects); the statistic is the metric averaged over the CV repeats of those subjects.
+    scipy.stats.bootstrap with each class a sample of its own (`paired=False`: resampled
+    independently): a resample draws as many healthy subjects, with replacement, from the healthy
+    ones and as many ILD subjects from the ILD ones as the cohort holds (pROC's stratified
+    bootstrap). It never holds one class only, so balanced accuracy and AUC are defined in every
+    resample, whatever the cohort's size (an unstratified resample of 3 healthy + 13 ILD subjects
+    lacks the healthy class once in 28 draws: its metric, and so the percentile interval, is NaN).
+    The statistic is the metric averaged over the CV repeats of the resampled subjects. NaN when a
+    class has fewer than 2 subjects (nothing to resample; the workflow never classifies those).
     """
-    n = len(y)
+    classes = tuple(np.flatnonzero(y == label) for label in (0, 1))
+    if min(len(c) for c in classes) < 2:
+        return np.nan, np.nan
 
-    def statistic(index):
-        index = np.asarray(index, dtype=int)
+    def statistic(*samples):
+        index = np.concatenate([np.asarray(sample, dtype=int) for sample in samples])
         return repeated_metric(name, y[index], probabilities[:, index])
 
     result = stats.bootstrap(
-        (np.arange(n),),
+        classes,
         statistic,
         n_resamples=int(resamples),
         vectorized=False,
+        paired=False,
         confidence_level=confidence,
         method="percentile",
         rng=np.random.default_rng(int(seed)),
@@ -171,7 +180,7 @@ def summary_table(
                    one-class fold, skipped), or "pooled": the per-repeat pooled values averaged
                    over the repeats -- the figure to quote, with its uncertainty:
       accuracy_ci_low/_high, balanced_accuracy_ci_low/_high, auc_ci_low/_high: 95 % percentile
-                   bootstrap intervals over the subjects (`bootstrap_interval`), and
+                   bootstrap intervals over the subjects, stratified by label (`bootstrap_interval`), and
       balanced_accuracy_p_value, auc_p_value: label-permutation p-values against chance
                    (`permutation_p_value`); only on the ("all", "pooled") row
       n_subjects   subjects in the fold (pooled: all; mean / std: of the fold sizes)
