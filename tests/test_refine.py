@@ -8,6 +8,8 @@ not depend on the batch it is refined in.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +18,7 @@ from test_performance_options import ALL_PAIRS, model_path, preprocessed  # noqa
 
 from lungreg.network import losses, transform
 from lungreg.network.model import IdentityPredictor, ModelSettings, NetworkOutputs, RegistrationNet
-from lungreg.network.refine import RefineSettings, RefineStage, refine, refine_batch
+from lungreg.network.refine import RefineSettings, RefineStage, learning_rate_factor, refine, refine_batch
 from lungreg.registration.base import IdentityRegistrar
 from lungreg.registration.chunk import ChunkOutputs, build_registrar, run_chunk
 from lungreg.registration.network import NetworkRegistrar
@@ -165,6 +167,19 @@ def test_settings_refuse_a_correction_finer_than_its_loss_points():
         RefineStage(steps=5, control_stride=1, loss_level=2)
     with pytest.raises(ValueError, match="unknown key"):
         RefineSettings.from_config({"stages": [{"steps": 3, "stride": 2}]})
+    with pytest.raises(ValueError, match="unknown schedule"):
+        RefineSettings(schedule="step")
+    with pytest.raises(ValueError, match="one step count per stage"):
+        RefineSettings().with_steps([5])
+    assert [s.steps for s in RefineSettings().with_steps([3, 4]).stages] == [3, 4]
+
+
+def test_the_cosine_schedule_ramps_up_then_decays_to_zero_at_the_last_step():
+    factors = [learning_rate_factor(step, 20, 5, "cosine") for step in range(20)]
+    assert factors[:5] == pytest.approx([0.2 * (k + 1) * f for k, f in enumerate(
+        [0.5 * (1 + math.cos(math.pi * k / 19)) for k in range(5)])])  # fmt: skip
+    assert factors[-1] == pytest.approx(0.0, abs=1e-12) and max(factors) < 1.0
+    assert [learning_rate_factor(step, 20, 5, "constant") for step in range(6)] == [0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
 
 
 def test_the_refined_rows_come_from_the_same_chunk_code_with_their_columns(preprocessed, model_path, tmp_path):  # noqa: F811
