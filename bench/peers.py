@@ -54,7 +54,14 @@ from lungreg.preprocess import clip_and_scale  # noqa: E402
 from lungreg.registration.base import LoadedPair  # noqa: E402
 from lungreg.registration.baselines.registrar import build_baseline  # noqa: E402
 from lungreg.registration.chunk import build_registrar  # noqa: E402
-from lungreg.study import METHOD, Pair, PreprocessedLayout, protocol_pairs, validation_pairs  # noqa: E402
+from lungreg.study import (  # noqa: E402
+    METHOD,
+    REFINE_WORKFLOW_KEYS,
+    Pair,
+    PreprocessedLayout,
+    protocol_pairs,
+    validation_pairs,
+)
 
 METHODS = ("unregistered", "proposed", "proposed_refined", "syn", "sitk_bspline", "convexadam", "elastix")
 PEERS = ("convexadam", "elastix")  # also run on the CT pair's original grids
@@ -71,7 +78,7 @@ def registrar(method: str, study: Path, config: dict):
     baseline = {k: v for k, v in config["baselines"].get(method, {}).items() if k not in WORKFLOW_KEYS}
     model = study / "model" / METHOD[method].model / "model.pt" if METHOD[method].kind == "network" else None
     inference = {**config["inference"], "device": "cpu"}
-    refine = {k: v for k, v in config["refine"].items() if k != "protocols"}
+    refine = {k: v for k, v in config["refine"].items() if k not in REFINE_WORKFLOW_KEYS}
     return build_registrar(method, 1, inference, model and str(model), baseline, refine)
 
 

@@ -64,30 +64,35 @@ def _stages(coarse_steps: int, coarse: dict, fine_steps: int, fine: dict) -> tup
 # What each trial changes against RefineSettings() (the workflow's default is "default").
 TRIALS = {
     "single_pass": {"stages": ()},
-    "default": {},  # diffusion 0.3 on the coarse stage, bending 0.9 on the fine one, 40 + 30 steps
-    "bending": {"stages": _stages(40, {"bending": 3.0}, 30, {"bending": 0.9})},  # config/refine_bending.yaml
-    "previous_default": {"stages": _stages(40, {"diffusion": 0.1}, 20, {"diffusion": 0.03})},
-    "diffusion_0.03_0.01": {"stages": _stages(40, {"diffusion": 0.03}, 20, {"diffusion": 0.01})},
-    "diffusion_0.1_then_bending": {"stages": _stages(40, {"diffusion": 0.1}, 30, {"bending": 0.9})},
-    "diffusion_0.1_then_bending_0.3": {"stages": _stages(40, {"diffusion": 0.1}, 30, {"bending": 0.3})},
-    "diffusion_0.1_then_bending_3": {"stages": _stages(40, {"diffusion": 0.1}, 30, {"bending": 3.0})},
-    "diffusion_0.1_then_bending_40+40": {"stages": _stages(40, {"diffusion": 0.1}, 40, {"bending": 0.9})},
-    "diffusion_0.1_then_bending_60+30": {"stages": _stages(60, {"diffusion": 0.1}, 30, {"bending": 0.9})},
-    "diffusion_0.1_bending_1_then_bending": {
-        "stages": _stages(40, {"diffusion": 0.1, "bending": 1.0}, 30, {"bending": 0.9})
-    },
-    "bending_then_diffusion": {"stages": _stages(40, {"bending": 3.0}, 30, {"diffusion": 0.03})},
-    "both": {"stages": _stages(40, {"diffusion": 0.03, "bending": 3.0}, 30, {"diffusion": 0.01, "bending": 0.9})},
-    "bending_1_0.3_40+20": {"stages": _stages(40, {"bending": 1.0}, 20, {"bending": 0.3})},
-    "bending_40+20": {"stages": _stages(40, {"bending": 3.0}, 20, {"bending": 0.9})},
-    "bending_40+40": {"stages": _stages(40, {"bending": 3.0}, 40, {"bending": 0.9})},
-    "bending_10_3_40+20": {"stages": _stages(40, {"bending": 10.0}, 20, {"bending": 3.0})},
-    "bending_30_9_40+20": {"stages": _stages(40, {"bending": 30.0}, 20, {"bending": 9.0})},
+    "default": {},  # diffusion 0.3 on the coarse stage, bending 0.9 on the fine one, 10 + 20 cosine steps
+    "bending": {"stages": _stages(10, {"bending": 3.0}, 20, {"bending": 0.9})},  # config/refine_bending.yaml
     # a cosine decay of each stage's learning rate (2026-12-06): stages end settled
-    "cosine_40+30": {"schedule": "cosine"},
-    "cosine_20+20": {"schedule": "cosine", "stages": _stages(20, {"diffusion": 0.3}, 20, {"bending": 0.9})},
-    "cosine_10+20": {"schedule": "cosine", "stages": _stages(10, {"diffusion": 0.3}, 20, {"bending": 0.9})},
+    "cosine_40+30": {"stages": _stages(40, {"diffusion": 0.3}, 30, {"bending": 0.9})},
+    "cosine_20+20": {"stages": _stages(20, {"diffusion": 0.3}, 20, {"bending": 0.9})},
+    "cosine_10+20": {"stages": _stages(10, {"diffusion": 0.3}, 20, {"bending": 0.9})},
 }
+# The trials of 2026-12-02 to 12-05 (bench/README.md, "Refinement regularisers"), at a constant rate
+# per stage (the default then).
+_CONSTANT_RATE_TRIALS = {
+    "constant_40+30": _stages(40, {"diffusion": 0.3}, 30, {"bending": 0.9}),  # the default of 12-05
+    "bending_40+30": _stages(40, {"bending": 3.0}, 30, {"bending": 0.9}),
+    "previous_default": _stages(40, {"diffusion": 0.1}, 20, {"diffusion": 0.03}),
+    "diffusion_0.03_0.01": _stages(40, {"diffusion": 0.03}, 20, {"diffusion": 0.01}),
+    "diffusion_0.1_then_bending": _stages(40, {"diffusion": 0.1}, 30, {"bending": 0.9}),
+    "diffusion_0.1_then_bending_0.3": _stages(40, {"diffusion": 0.1}, 30, {"bending": 0.3}),
+    "diffusion_0.1_then_bending_3": _stages(40, {"diffusion": 0.1}, 30, {"bending": 3.0}),
+    "diffusion_0.1_then_bending_40+40": _stages(40, {"diffusion": 0.1}, 40, {"bending": 0.9}),
+    "diffusion_0.1_then_bending_60+30": _stages(60, {"diffusion": 0.1}, 30, {"bending": 0.9}),
+    "diffusion_0.1_bending_1_then_bending": _stages(40, {"diffusion": 0.1, "bending": 1.0}, 30, {"bending": 0.9}),
+    "bending_then_diffusion": _stages(40, {"bending": 3.0}, 30, {"diffusion": 0.03}),
+    "both": _stages(40, {"diffusion": 0.03, "bending": 3.0}, 30, {"diffusion": 0.01, "bending": 0.9}),
+    "bending_1_0.3_40+20": _stages(40, {"bending": 1.0}, 20, {"bending": 0.3}),
+    "bending_40+20": _stages(40, {"bending": 3.0}, 20, {"bending": 0.9}),
+    "bending_40+40": _stages(40, {"bending": 3.0}, 40, {"bending": 0.9}),
+    "bending_10_3_40+20": _stages(40, {"bending": 10.0}, 20, {"bending": 3.0}),
+    "bending_30_9_40+20": _stages(40, {"bending": 30.0}, 20, {"bending": 9.0}),
+}
+TRIALS |= {name: {"schedule": "constant", "stages": stages} for name, stages in _CONSTANT_RATE_TRIALS.items()}
 
 SUMMARY = {
     "dice_pct": ("dice", lambda v: 100 * v.mean()),
