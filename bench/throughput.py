@@ -38,6 +38,7 @@ writing alone). --budget-s stops a row after the sub-chunk (--chunk-pairs pairs)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import io
 import json
@@ -84,11 +85,20 @@ def _prepare_subject(workdir: Path, settings, preprocess, subject: str) -> None:
         preprocess_subject(subject, inputs, preprocess, layout.root / subject)
 
 
+def settings_keys(settings_class, section: dict) -> dict:
+    """The keys of a config section that the library's settings class takes: the workflow's own keys
+    (preprocess.auto_mask, refine.protocols) left out, and with --library-ref an older library's
+    fewer keys."""
+    names = {f.name for f in dataclasses.fields(settings_class)}
+    return {k: v for k, v in section.items() if k in names}
+
+
 def resolved_preprocess(config: dict) -> dict:
     """The preprocess section with grid_shape auto resolved as the workflow plans it (the synthetic field of view)."""
+    from lungreg.preprocess import PreprocessSettings
     from lungreg.synthetic.settings import SyntheticCohortSettings
 
-    section = dict(config["preprocess"])
+    section = settings_keys(PreprocessSettings, config["preprocess"])
     if section["grid_shape"] == "auto":
         settings = SyntheticCohortSettings.from_config(config["synthetic"])
         section["grid_shape"] = list(settings.covering_shape(section["factor"]))
@@ -339,7 +349,7 @@ def main() -> None:
             threads,
             acceleration=Acceleration.from_config(inference),
             prefetch=inference["prefetch"],
-            refine=RefineSettings.from_config(config["refine"]) if refined else None,
+            refine=RefineSettings.from_config(settings_keys(RefineSettings, config["refine"])) if refined else None,
         )
 
     try:

@@ -104,7 +104,7 @@ def preprocess_section():
     """The preprocess: section the jobs get, `grid_shape: auto` resolved for this cohort: a manifest's
     from its lung masks (`cohort_grid_shape`; each subject centred on its lungs), the synthetic
     cohort's the shape that holds its rendered field of view (it has no masks while planning)."""
-    section = {k: v for k, v in config["preprocess"].items() if k != "auto_mask"}  # rule lung_mask's, not theirs
+    section = {k: v for k, v in config["preprocess"].items() if k not in study.PREPROCESS_WORKFLOW_KEYS}
     if section["grid_shape"] != "auto":
         outside = (
             manifest.lungs_outside_grid(CHECKS, FIXED_PHASE, section["factor"], section["grid_shape"]) if CHECKS else []

@@ -57,7 +57,7 @@ Refinement (--refine, with --fixed-mask): the network's outputs are then optimis
 energy, coarse to fine), as the workflow's <variant>_refined rows; the outputs keep the same
 construction (positive spatial gradients, det A > 0). `--refine` alone uses the workflow's
 default stages, `--refine config.yaml` the `refine:` section of that file. It adds about 1.3 s
-per pair on 2 CPU threads (1.8 s on 1) at the default study's grid (README, "Measured").
+per pair on 1 or 2 CPU threads at the default study's grid (README, "Measured").
 
 Bad input (missing or unreadable file, not a 3-D scalar image, NaN voxels, a mask not on its
 image's grid, a model file without preprocessing settings) stops with one line and exit code 1.

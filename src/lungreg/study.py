@@ -96,6 +96,9 @@ IDENTITY_REFINED = "identity_refined"  # the refinement's reference without a ne
 # Keys of the config's refine: section that the workflow reads (which protocols get refined rows);
 # the rest is lungreg.network.refine.RefineSettings. Here, not there: planning must not import torch.
 REFINE_WORKFLOW_KEYS = ("protocols", "budget_curve")
+# Keys of the config's preprocess: section for the rule lung_mask only (lungreg.lungmask), not the
+# preprocessing of lungreg.preprocess.PreprocessSettings.
+PREPROCESS_WORKFLOW_KEYS = ("auto_mask",)
 
 GROUND_TRUTH = "ground_truth"  # the synthetic cohort's exact fields, as a field source
 FIELD_SOURCES = (*NETWORK_METHODS, *BASELINE_METHODS, GROUND_TRUTH)  # what classify: may classify
