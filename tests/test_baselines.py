@@ -574,7 +574,7 @@ def default_cohort_pair(tmp_path_factory) -> LoadedPair:
     from snakemake.utils import validate
 
     from lungreg.preprocess import PreprocessSettings, preprocess_subject
-    from lungreg.study import PreprocessedLayout
+    from lungreg.study import PREPROCESS_WORKFLOW_KEYS, PreprocessedLayout
     from lungreg.synthetic.render import synthesize_subject
     from lungreg.synthetic.settings import SyntheticCohortSettings
 
@@ -582,7 +582,8 @@ def default_cohort_pair(tmp_path_factory) -> LoadedPair:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     validate(config, str(REPO / "config" / "schemas" / "config.schema.yaml"))
     synthetic = SyntheticCohortSettings.from_config(config["synthetic"])
-    section = {**config["preprocess"], "grid_shape": list(synthetic.covering_shape(config["preprocess"]["factor"]))}
+    section = {k: v for k, v in config["preprocess"].items() if k not in PREPROCESS_WORKFLOW_KEYS}
+    section["grid_shape"] = list(synthetic.covering_shape(config["preprocess"]["factor"]))
     folder = tmp_path_factory.mktemp("default_cohort")
     subject = "sub-002"  # a validation subject of the default split
     synthesize_subject(synthetic, subject, folder / "raw")

@@ -27,6 +27,7 @@ from lungreg.study import (
     CLASSIFIERS,
     FIELD_SOURCES,
     NETWORK_VARIANTS,
+    PREPROCESS_WORKFLOW_KEYS,
     REFINE_WORKFLOW_KEYS,
     REGIONAL_CLASSIFIERS,
     SplitSettings,
@@ -85,7 +86,7 @@ def assert_library_agrees(cls, section: dict, given: dict | None = None) -> None
 def test_the_library_keeps_no_default_the_schema_does_not_have(schema_defaults):
     config = schema_defaults
     assert SyntheticCohortSettings.from_config(config["synthetic"]) == SyntheticCohortSettings()
-    preprocess = {k: v for k, v in config["preprocess"].items() if k != "auto_mask"}  # rule lung_mask's settings
+    preprocess = {k: v for k, v in config["preprocess"].items() if k not in PREPROCESS_WORKFLOW_KEYS}
     assert_library_agrees(PreprocessSettings, preprocess, {"reference_phase": config["pairs"]["fixed_phase"]})
     assert_library_agrees(AutoMaskSettings, config["preprocess"]["auto_mask"])
     assert set(config["preprocess"]["auto_mask"]) == set(library_defaults(AutoMaskSettings))
@@ -182,7 +183,8 @@ def test_the_ct_preset_validates_and_sets_a_ct_window_and_the_auto_grid(config):
     ct = yaml.safe_load((REPO / "config" / "ct.yaml").read_text())
     merged = effective({k: ({**config[k], **v} if isinstance(v, dict) else v) for k, v in {**config, **ct}.items()})
     assert merged["preprocess"]["grid_shape"] == "auto" and merged["preprocess"]["intensity_range"][0] <= -1000
-    PreprocessSettings.from_config({k: v for k, v in merged["preprocess"].items() if k != "auto_mask"}, "exhale")
+    preprocess = {k: v for k, v in merged["preprocess"].items() if k not in PREPROCESS_WORKFLOW_KEYS}
+    PreprocessSettings.from_config(preprocess, "exhale")
 
 
 def test_the_bending_refinement_preset_validates_and_changes_only_the_regularisers(config):
