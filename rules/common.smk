@@ -231,10 +231,18 @@ def refine_settings():
     return {k: v for k, v in config["refine"].items() if k not in study.REFINE_WORKFLOW_KEYS}
 
 
+# The loss: section the training gets. Without refinement stages there is nothing to distil (the
+# targets are refinements), so a run with refinement off trains without it, with a note.
+LOSS = dict(config["loss"])
+if LOSS["distillation"] and not config["refine"]["stages"]:
+    logger.info(f"loss: distillation {LOSS['distillation']} left out: refine.stages is empty (no targets)")
+    LOSS["distillation"] = 0.0
+
+
 def training_refine_section(wildcards):
     """The refinement that makes the distillation targets (None without distillation, so that
     changing the refinement then retrains nothing)."""
-    return refine_settings() if config["loss"]["distillation"] else None
+    return refine_settings() if LOSS["distillation"] else None
 
 
 # ------------------------------------------------------------------- registration

@@ -28,7 +28,7 @@ rule train:
         preprocessed=str(PREPROCESSED.root),
         checkpoint=f"{MODEL}/checkpoint.pt",
         model=model_settings,
-        loss=config["loss"],
+        loss=LOSS,
         train=config["train"],
         refine=training_refine_section,
         preprocess=PREPROCESS,

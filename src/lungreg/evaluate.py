@@ -21,7 +21,7 @@ import torch
 from . import io, metrics
 from .geometry import Grid, resample
 from .network import scoring
-from .network.transform import displacement_transform
+from .network.transform import displacement_transform, float64_grid
 from .study import Pair, PreprocessedLayout
 
 TIMING_COLUMNS = (
@@ -145,6 +145,7 @@ def score_batch(
     in slabs of its fixed grid on the CPU (`scoring.slabs`), in float64."""
     scores = []
     for pair, fixed_phase, moving_phase, pair_points, truth in zip(pairs, fixed, moving, points, truths):
+        pair_points = float64_grid(pair_points[None])[0]  # a float32 grid read as physical_displacement reads it
         grids = fixed_phase.grid, moving_phase.grid
         fixed_mask = torch.as_tensor(fixed_phase.mask, device=pair_points.device)
         warped = warped_masks([moving_phase], pair_points[None])[0]

@@ -303,6 +303,8 @@ def train(
     network also learns to predict that displacement.
     """
     distilled = bool(loss_settings.distillation)
+    if distilled and (refine_settings is None or not refine_settings.stages):
+        raise ValueError("loss.distillation needs refinement stages (refine: stages) to make its targets")
     if distilled and refine_settings is not None and settings.distillation_steps is not None:
         refine_settings = refine_settings.with_steps(settings.distillation_steps)
     if distilled and refine_settings is not None and settings.distillation_schedule is not None:
