@@ -118,8 +118,10 @@ def test_a_labelled_manifest_runs_with_the_defaults_through_classification(mri_s
         "unregistered",
         "proposed",
         "proposed_refined",
+        "identity_refined",
         "syn",
         "sitk_bspline",
+        "convexadam",
     ]
     assert len(table(workdir, "endpoint_error")) == 0  # no ground truth in a manifest: header only
 

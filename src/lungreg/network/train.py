@@ -304,7 +304,7 @@ def train(
     """
     distilled = bool(loss_settings.distillation)
     if distilled and (refine_settings is None or not refine_settings.stages):
-        raise ValueError("loss.distillation needs refinement stages (refine: stages) to make its targets")
+        raise ValueError("loss.distillation needs refinement steps (refine: stages) to make its targets")
     if distilled and refine_settings is not None and settings.distillation_steps is not None:
         refine_settings = refine_settings.with_steps(settings.distillation_steps)
     if distilled and refine_settings is not None and settings.distillation_schedule is not None:
